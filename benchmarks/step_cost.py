@@ -3,9 +3,11 @@
     python benchmarks/step_cost.py                       # CPU: BERT of MiniLM shape, batch 32, length 128
     python benchmarks/step_cost.py --model bert-base --precision bf16   # on a GPU
 
-Each method runs in its own subprocess so that its peak memory is its own (CUDA:
-max_memory_allocated; CPU: peak resident set size). Step times come from a Trainer
-callback. The measured window is 10 steps, so LETS with `rho_update_interval` 10 pays
+Each method runs in its own subprocess so that its peak memory is its own. Peak memory
+is the peak of live tensor bytes, comparable across devices: on CUDA
+`max_memory_allocated`; on CPU the allocator's own allocation/free stream, replayed from
+a `torch.profiler` trace of a separate 3-step run (RSS would include glibc's caching).
+Step times come from a Trainer callback, in a run without the profiler. The measured window is 10 steps, so LETS with `rho_update_interval` 10 pays
 exactly one validation pass in it: the *mean* is the amortized cost, the *median* the
 cost of a step without ρ update. Ratios are to AdamW and to SAM, measured in one run.
 """
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._C._profiler import _EventType
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
 
 from lets_hf import LETSConfig, LETSTrainer
@@ -40,6 +43,7 @@ METHODS = {  # name -> LETSConfig overrides
     "lets-sam k=10 exact": dict(sam_variant="sam", learn_rho=True, rho_update_interval=10, rho_hessian="exact"),
 }
 WARMUP, MEASURED = 2, 10
+MEMORY_STEPS = 3  # the profiled run: Adam state and every LETS buffer exist from step 2 on
 
 
 class _StepTimer(TrainerCallback):
@@ -71,32 +75,65 @@ class _RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
 
 
-def measure_one(method: str, shape: str, precision: str, batch: int, length: int, output_dir: str) -> dict:
-    """Train WARMUP + MEASURED steps of one method; return its step times and peak memory."""
+def peak_live_bytes(prof: torch.profiler.profile) -> int:
+    """Peak of live CPU tensor bytes: the profiler's allocation events (+size / −size) summed in time order.
+
+    The events are not in the public profiler API; `torch.profiler`'s own memory timeline reads them the same way.
+    """
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+            events.append((event.start_time_ns, event.typed[1].alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def _train(method: str, shape: str, precision: str, batch: int, length: int, steps: int, output_dir: str, callbacks=()):
+    """A fresh model trained `steps` steps on fixed random tokens; returns the model."""
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     config = BertConfig(**SHAPES[shape], num_labels=2, attn_implementation="sdpa")
     model = BertForSequenceClassification(config)
     args = LETSConfig(
-        output_dir=output_dir, per_device_train_batch_size=batch, max_steps=WARMUP + MEASURED,
+        output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps,
         learning_rate=2e-5, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10_000,
         bf16=precision == "bf16", use_cpu=not cuda, dataloader_drop_last=True, seed=0, **METHODS[method],
     )
-    timer = _StepTimer(cuda)
     trainer = LETSTrainer(
-        model=model, args=args, train_dataset=_RandomTokens(batch * (WARMUP + MEASURED), length, config.vocab_size, 0),
+        model=model, args=args, train_dataset=_RandomTokens(batch * steps, length, config.vocab_size, 0),
         rho_dataset=_RandomTokens(batch * 2, length, config.vocab_size, 1) if args.learn_rho else None,
-        callbacks=[timer],
+        callbacks=list(callbacks),
     )
+    trainer.train()
+    return model
+
+
+def measure_one(method: str, shape: str, precision: str, batch: int, length: int, output_dir: str) -> dict:
+    """Train WARMUP + MEASURED steps of one method; return its step times and peak memory."""
+    cuda = torch.cuda.is_available()
+    timer = _StepTimer(cuda)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    model = _train(method, shape, precision, batch, length, WARMUP + MEASURED, output_dir, [timer])
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            _train(method, shape, precision, batch, length, MEMORY_STEPS, output_dir)
+        peak = peak_live_bytes(prof)
     measured = timer.times[WARMUP:]
-    peak_mb = (
-        torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    param_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    return {"median_s": statistics.median(measured), "mean_s": statistics.mean(measured), "peak_mb": peak_mb, "param_mb": param_mb}
+    return {
+        "median_s": statistics.median(measured),
+        "mean_s": statistics.mean(measured),
+        "peak_mb": peak / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "param_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+    }
 
 
 def run_all(cli) -> list[dict]:
@@ -120,14 +157,16 @@ def to_markdown(rows: list[dict], cli, device: str) -> str:
         f"Step cost on {device}: BERT of {cli.model} shape, batch {cli.batch}, length {cli.length}, {cli.precision}; "
         f"{MEASURED} measured steps after {WARMUP} warm-up. Parameters: {adamw['param_mb']:.0f} MB.",
         "",
-        "| method | mean step (s) | mean / adamw | mean / sam | median / adamw | median / sam | peak memory (MB) | peak − adamw (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | mean step (s) | mean / adamw | mean / sam | median / adamw | median / sam | peak tensor memory (MB) "
+        "| peak − adamw (MB) | peak − adamw (parameter buffers) | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['mean_s']:.3f} | {r['mean_s'] / adamw['mean_s']:.2f}x | {r['mean_s'] / sam['mean_s']:.2f}x "
             f"| {r['median_s'] / adamw['median_s']:.2f}x | {r['median_s'] / sam['median_s']:.2f}x "
-            f"| {r['peak_mb']:.0f} | {r['peak_mb'] - adamw['peak_mb']:+.0f} |"
+            f"| {r['peak_mb']:.0f} | {r['peak_mb'] - adamw['peak_mb']:+.0f} "
+            f"| {(r['peak_mb'] - adamw['peak_mb']) / r['param_mb']:+.2f} | {r['peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

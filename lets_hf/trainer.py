@@ -194,6 +194,7 @@ class LETSTrainer(Trainer):
             p.grad = acc
         keep = [i for i, g in enumerate(first) if g is not None]
         names, params, grads = [names[i] for i in keep], [params[i] for i in keep], [first[i] for i in keep]
+        first.clear()  # `grads` alone holds the first-pass gradient, so `_perturb_` can free it
         first_micro_batch, self._micro_batches = self._micro_batches == 0, self._micro_batches + 1
         micro_batches = self.current_gradient_accumulation_steps
         if self._unscale_(grads) is None:  # overflow: hand the inf to the grad scaler so the step is skipped
@@ -264,6 +265,7 @@ class LETSTrainer(Trainer):
         if self.args.sam_scope == "global":
             for p in params:  # free g (now ε) for the second pass, as Trainer's zero_grad does
                 p.grad = None
+        grads.clear()  # ε's last reference is the caller's list: θ comes back from the backup, not from θ − ε
         return tracked
 
     def _restore_(self, params):

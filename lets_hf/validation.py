@@ -6,6 +6,8 @@ L_val − L_train measures generalization of what the lower level fits.
 
 from __future__ import annotations
 
+import random
+
 import torch
 from torch.utils.data import Dataset, Subset
 
@@ -51,13 +53,15 @@ class RhoBatches:
             )
         self.batches_per_epoch = len(dataset) // self.global_batch
         self.drawn = 0
+        self._epoch, self._order = -1, []
 
     def __next__(self):
         epoch, position = divmod(self.drawn, self.batches_per_epoch)
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + epoch))
+        if epoch != self._epoch:  # one permutation per epoch, as Python ints: batches need no tensor reads
+            self._epoch, self._order = epoch, random.Random(self.seed + epoch).sample(range(len(self.dataset)), len(self.dataset))
         start = position * self.global_batch + self.rank * self.batch_size
         self.drawn += 1
-        return self.collate_fn([self.dataset[i] for i in order[start : start + self.batch_size].tolist()])
+        return self.collate_fn([self.dataset[i] for i in self._order[start : start + self.batch_size]])
 
     def state_dict(self) -> dict:
         return {"drawn": self.drawn}
