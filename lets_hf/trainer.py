@@ -23,6 +23,7 @@ import warnings
 import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .config import LETSConfig
 from .distributed import GradientAverager, average_scalars
@@ -177,7 +178,10 @@ class LETSTrainer(Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]  # Trainer pops them when it smooths labels
         loss, outputs = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
-        surrogate = self.rule.first_pass_loss(outputs["logits"], labels)
+        logits = outputs["logits"]
+        if self.accelerator.unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            logits, labels = logits[..., :-1, :], labels[..., 1:]  # token t predicts label t+1, as the model's loss
+        surrogate = self.rule.first_pass_loss(logits, labels)
         loss = loss.detach() + (surrogate - surrogate.detach())  # reports the model's loss, descends on ∇Q
         return (loss, outputs) if return_outputs else loss
 

@@ -387,3 +387,25 @@ def test_bisam_logs_the_training_loss_not_the_surrogate(make_args):
     trainer.train()
     expected = float(TinyClassifier(dtype=F64)(data.x, data.labels)["loss"].detach())
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_bisam_surrogate_of_a_causal_lm_scores_the_next_token(make_args):
+    """Causal LMs shift inside their loss; the surrogate must pair logit t with label t+1 as well."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=2)).double().eval()
+    ids = torch.randint(0, 11, (2, 6))
+    labels = ids.clone()
+    labels[0, :2] = -100  # an unscored prompt
+    trainer = LETSTrainer(model=model, args=make_args(sam_variant="bisam", max_steps=1), train_dataset=ToyDataset(8))
+    trainer._surrogate_pass = True
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
+    logits = model(input_ids=ids).logits
+    expected = trainer.rule.first_pass_loss(logits[:, :-1], labels[:, 1:])
+    misaligned = trainer.rule.first_pass_loss(logits, labels)
+    (grad,) = torch.autograd.grad(loss, model.lm_head.weight)  # the first pass descends on ∇Q
+    (reference,) = torch.autograd.grad(expected, model.lm_head.weight, retain_graph=True)
+    (wrong,) = torch.autograd.grad(misaligned, model.lm_head.weight)
+    torch.testing.assert_close(grad, reference)
+    assert not torch.allclose(grad, wrong)
