@@ -432,14 +432,15 @@ class LETSTrainer(Trainer):
     # ------------------------------------------------------------------ checkpoints
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.rule is None or not self.args.should_save:
+        if self.rule is None or not (self.args.should_save or self._rank_local_state()):
             return
         state = {
             "radius": self.radius.state_dict(),
             "rule": self.rule.state_dict(),
             "rho_batches": self._rho_batches.state_dict() if self._rho_batches is not None else None,
         }
-        path = os.path.join(output_dir, LETS_STATE_NAME)
+        os.makedirs(output_dir, exist_ok=True)
+        path = self._lets_state_path(output_dir)
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # never a half-written file
 
@@ -447,17 +448,30 @@ class LETSTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self.rule is None:
             return
-        path = os.path.join(checkpoint, LETS_STATE_NAME)
+        path = self._lets_state_path(checkpoint)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{path} is missing: this checkpoint was not written by LETSTrainer, so ρ and its optimizer "
-                "state cannot be restored. Resume from a LETSTrainer checkpoint or start a new run."
+                f"{path} is missing: this checkpoint was not written by LETSTrainer with this sam_scope and number "
+                "of processes, so ρ and its optimizer state cannot be restored. Resume from such a checkpoint or "
+                "start a new run."
             )
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        device = self.args.device  # "cpu:0" under CPU DDP, which torch.load cannot map to
+        state = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=True)
         self.radius.load_state_dict(state["radius"])
         self.rule.load_state_dict(state["rule"])
         if state["rho_batches"] is not None:
             self._rho_batches.load_state_dict(state["rho_batches"])
+
+    def _rank_local_state(self) -> bool:
+        """In the local scope each rank's ∂θ/∂ρ and rule statistics come from its own gradients."""
+        return self.args.sam_scope == "local" and self.args.world_size > 1
+
+    def _lets_state_path(self, directory: str) -> str:
+        """`lets_state.pt`, or one `lets_state_rank<r>.pt` per rank when the state is rank-local."""
+        if self._rank_local_state():
+            stem, suffix = os.path.splitext(LETS_STATE_NAME)
+            return os.path.join(directory, f"{stem}_rank{self.args.process_index}{suffix}")
+        return os.path.join(directory, LETS_STATE_NAME)
 
 
 class _AfterOptimizerStep(TrainerCallback):

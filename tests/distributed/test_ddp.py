@@ -76,3 +76,17 @@ def test_every_rule_global_scope_two_ranks_equal_one_rank(tmp_path, variant):
     _assert_ranks_identical(two)
     for p, q in zip(two[0]["params"], one[0]["params"]):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", ["sam", "lightsam-adagrad"])
+def test_local_scope_resume_restores_each_ranks_own_state(tmp_path, variant):
+    """Each rank's ∂θ/∂ρ (and LightSAM statistics) comes from its own gradients: resuming must give them back."""
+    flags = ("--batch", "4", "--variant", variant, "--scope", "local", "--learn_rho", "--accumulation", "2")
+    straight = _run(tmp_path / "straight", 2, *flags, "--save_steps", "2")
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoint-2").glob("lets_state*")) == [
+        "lets_state_rank0.pt", "lets_state_rank1.pt"
+    ]
+    resumed = _run(tmp_path / "resumed", 2, *flags, "--resume_from", str(tmp_path / "straight" / "checkpoint-2"))
+    for a, b in zip(straight, resumed):
+        assert a["rho"] == b["rho"]
+        assert all(torch.equal(p, q) for p, q in zip(a["params"], b["params"]))

@@ -53,6 +53,8 @@ def main():
     parser.add_argument("--learn_rho", action="store_true")
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: never)")
+    parser.add_argument("--resume_from", help="a checkpoint folder to resume from")
     cli = parser.parse_args()
     dist.all_reduce = _count_explicit(dist.all_reduce)
     world = int(__import__("os").environ.get("WORLD_SIZE", 1))
@@ -60,14 +62,15 @@ def main():
         output_dir=cli.out, per_device_train_batch_size=cli.batch, gradient_accumulation_steps=cli.accumulation,
         sam_variant=cli.variant, sam_scope=cli.scope, rho=0.1, learn_rho=cli.learn_rho, rho_lr=0.01,
         rho_batch_size=16 // world, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
-        max_steps=cli.steps, report_to="none", save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1,
+        max_steps=cli.steps, report_to="none",
+        save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500, disable_tqdm=True, seed=0, logging_steps=1,
         ddp_backend="gloo" if world > 1 else None, use_cpu=True,
     )
     trainer = CountingTrainer(
         model=TinyClassifier(dtype=torch.float64), args=args, train_dataset=ToyDataset(64, dtype=torch.float64),
         rho_dataset=ToyDataset(32, seed=1, dtype=torch.float64),
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=cli.resume_from)
     rank = args.process_index
     result = {
         "params": [p.detach().clone() for p in trainer.model.parameters()],
