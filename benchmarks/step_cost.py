@@ -7,9 +7,9 @@ Each method runs in its own subprocess so that its peak memory is its own. Peak 
 is the peak of live tensor bytes, comparable across devices: on CUDA
 `max_memory_allocated`; on CPU the allocator's own allocation/free stream, replayed from
 a `torch.profiler` trace of a separate 3-step run (RSS would include glibc's caching).
-Step times come from a Trainer callback, in a run without the profiler. The measured window is 10 steps, so LETS with `rho_update_interval` 10 pays
-exactly one validation pass in it: the *mean* is the amortized cost, the *median* the
-cost of a step without ρ update. Ratios are to AdamW and to SAM, measured in one run.
+Step times come from a Trainer callback, in a run without the profiler. The measured
+window is 10 steps, so LETS with `rho_update_interval` 10 pays exactly one validation pass
+in it: the *mean* is the amortized cost, the *median* the cost of a step without ρ update. Ratios are to AdamW and to SAM, measured in one run.
 """
 
 from __future__ import annotations
@@ -76,18 +76,26 @@ class _RandomTokens(torch.utils.data.Dataset):
 
 
 def peak_live_bytes(prof: torch.profiler.profile) -> int:
-    """Peak of live CPU tensor bytes: the profiler's allocation events (+size / −size) summed in time order.
+    """Peak of live CPU tensor bytes allocated inside the profiled window, replayed in time order.
 
-    The events are not in the public profiler API; `torch.profiler`'s own memory timeline reads them the same way.
+    Frees of blocks allocated before the window (e.g. an earlier trainer collected by the garbage
+    collector mid-run) are ignored: they would lower the count below what the window holds. The
+    events are not in the public profiler API; `torch.profiler`'s own memory timeline reads them too.
     """
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
         stack.extend(event.children)
         if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
-            events.append((event.start_time_ns, event.typed[1].alloc_size))
-    live = peak = 0
-    for _, size in sorted(events):
+            events.append((event.start_time_ns, event.typed[1].ptr, event.typed[1].alloc_size))
+    blocks, live, peak = {}, 0, 0
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            blocks[ptr] = size
+        elif ptr in blocks:
+            size = -blocks.pop(ptr)
+        else:
+            continue
         live += size
         peak = max(peak, live)
     return peak
