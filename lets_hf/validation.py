@@ -58,7 +58,8 @@ class RhoBatches:
     def __next__(self):
         epoch, position = divmod(self.drawn, self.batches_per_epoch)
         if epoch != self._epoch:  # one permutation per epoch, as Python ints: batches need no tensor reads
-            self._epoch, self._order = epoch, random.Random(self.seed + epoch).sample(range(len(self.dataset)), len(self.dataset))
+            n = len(self.dataset)
+            self._epoch, self._order = epoch, random.Random(self.seed + epoch).sample(range(n), n)
         start = position * self.global_batch + self.rank * self.batch_size
         self.drawn += 1
         return self.collate_fn([self.dataset[i] for i in self._order[start : start + self.batch_size]])

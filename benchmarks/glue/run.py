@@ -75,7 +75,8 @@ class Profile:
 # SAM/ASAM 2x). lr 1e-4: 3e-4 left MRPC below and STS-B at the majority/mean prediction in
 # AdamW probes; unique examples matter more than epochs (STS-B Pearson 0.13 with 560 x 2 epochs,
 # 0.15 with 1600 x 1, 0.79 with 2000 x 1: below ~125 steps it stays at the mean prediction).
-# CoLA stayed at MCC 0 even with 4000 examples (250 steps, lr 1e-4 or 3e-4), so it gets few. Rationale in benchmarks/results/glue/README_section.md.
+# CoLA stayed at MCC 0 even with 4000 examples (250 steps, lr 1e-4 or 3e-4), so it gets few.
+# Rationale in benchmarks/results/glue/README_section.md.
 PROFILES = {
     "default": Profile(
         model="minilm",
@@ -91,15 +92,6 @@ PROFILES = {
         logging_steps=5,
         rho_lr=None,
     ),
-    "cpu-full": Profile(
-        model="minilm",
-        tasks={task: TaskSetting(None, 1) for task in TASKS},
-        learning_rate=1e-4,
-        batch_size=16,
-        max_seq_length=128,
-        logging_steps=10,
-        rho_lr=None,
-    ),
     "paper": Profile(
         model="bert-base-uncased",
         tasks={task: TaskSetting(None, 3) for task in TASKS},
@@ -110,6 +102,10 @@ PROFILES = {
         rho_lr=None,
     ),
 }
+# The default profile on the whole train sets.
+PROFILES["cpu-full"] = dataclasses.replace(
+    PROFILES["default"], tasks={task: TaskSetting(None, 1) for task in TASKS}, logging_steps=10
+)
 LOG_KEYS = ("step", "epoch", "loss", "rho", "gen_gap", "rho_grad", "first_grad_norm", "learning_rate")
 
 

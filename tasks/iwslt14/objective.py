@@ -12,7 +12,7 @@ import torch
 
 from lets_hf import LETSTrainer
 
-IGNORE_INDEX = -100
+from .data import LABEL_PAD
 
 
 class LabelSmoothedCrossEntropy:
@@ -24,7 +24,7 @@ class LabelSmoothedCrossEntropy:
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
         logits = outputs["logits"]
         log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        keep = labels != IGNORE_INDEX
+        keep = labels != LABEL_PAD
         nll = -log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         smooth = -log_probs.sum(-1)
         eps_i = self.epsilon / (log_probs.size(-1) - 1)
@@ -38,7 +38,8 @@ class FairseqRecipeTrainer(LETSTrainer):
 
     def __init__(self, model=None, args=None, **kwargs):
         if args is not None and args.label_smoothing_factor > 0 and kwargs.get("compute_loss_func") is None:
-            kwargs["compute_loss_func"] = LabelSmoothedCrossEntropy(args.label_smoothing_factor)  # replaces LabelSmoother
+            # Trainer prefers compute_loss_func over its LabelSmoother
+            kwargs["compute_loss_func"] = LabelSmoothedCrossEntropy(args.label_smoothing_factor)
         super().__init__(model=model, args=args, **kwargs)
 
     def get_decay_parameter_names(self, model) -> list[str]:
