@@ -62,8 +62,8 @@ def main():
         output_dir=cli.out, per_device_train_batch_size=cli.batch, gradient_accumulation_steps=cli.accumulation,
         sam_variant=cli.variant, sam_scope=cli.scope, rho=0.1, learn_rho=cli.learn_rho, rho_lr=0.01,
         rho_batch_size=16 // world, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
-        max_steps=cli.steps, report_to="none",
-        save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500, disable_tqdm=True, seed=0, logging_steps=1,
+        max_steps=cli.steps, report_to="none", disable_tqdm=True, seed=0, logging_steps=1,
+        save_strategy="steps" if cli.save_steps else "no", save_steps=cli.save_steps or 500,  # 500: unused
         ddp_backend="gloo" if world > 1 else None, use_cpu=True,
     )
     trainer = CountingTrainer(
