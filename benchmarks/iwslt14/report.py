@@ -26,8 +26,13 @@ from saved_runs import load_runs, ordered  # noqa: E402  (shared by the benchmar
 DATASET_ORDER = ("iwslt14-subset", "multi30k", "iwslt14")
 #: Reported numbers: tokenized BLEU (fairseq's) of valid and, where the dataset has one, test.
 BLEU_KEYS = {"eval_bleu": "valid BLEU", "test_bleu": "test BLEU"}
-#: curves.png columns: log key, title; ρ only exists for lets-* runs.
-CURVES = (("loss", "train loss"), ("eval_loss", "valid loss"), ("rho", "ρ (lets-*)"))
+#: curves.png columns: log key, title; the learned ρ and the gap it follows exist for lets-* runs only.
+CURVES = (
+    ("loss", "train loss"),
+    ("eval_loss", "valid loss"),
+    ("rho", "ρ (lets-*)"),
+    ("gen_gap", "gap L_ρ-val − L_train (lets-*)"),
+)
 
 
 def _cell(values: list[float]) -> str:
@@ -80,9 +85,11 @@ def _last_rho(runs: list[dict]) -> float:
 
 
 def plot_curves(runs: list[dict], path: Path) -> None:
-    """Rows: datasets; columns: train loss, valid loss, ρ; one colour per method, one line per seed."""
+    """Rows: datasets; columns: CURVES; one colour per method, one line per seed."""
     datasets = ordered({r["dataset"] for r in runs}, DATASET_ORDER)
-    colours = {m: f"C{i}" for i, m in enumerate(ordered({r["method"] for r in runs}, METHODS))}
+    methods = ordered({r["method"] for r in runs}, METHODS)
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    runs = sorted(runs, key=lambda r: (methods.index(r["method"]), r["seed"]))  # legend in table order
     fig, axes = plt.subplots(
         len(datasets), len(CURVES), figsize=(4.2 * len(CURVES), 3.0 * len(datasets)), squeeze=False
     )
