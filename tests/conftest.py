@@ -22,6 +22,17 @@ def shared_data():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models' ops are too small for a second thread, which only adds waits (long ones on busy cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def make_args(tmp_path):
     """LETSConfig for deterministic CPU tests: SGD, constant lr, no clipping, no saving, quiet."""
     from lets_hf import LETSConfig

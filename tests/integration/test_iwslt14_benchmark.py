@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["adamw", "lets-sam"]
@@ -28,16 +27,11 @@ def bench():
 
 
 @pytest.fixture
-def smoke_run(shared_data, bench, tmp_path):
-    """The smoke profile on the IWSLT'14 sample, adamw and lets-sam, one thread (tiny ops)."""
+def smoke_run(shared_data, bench, tmp_path, one_thread):
+    """The smoke profile on the IWSLT'14 sample, adamw and lets-sam."""
     out_dir = tmp_path / "bench"
     argv = ["--profile", "smoke", "--datasets", "iwslt14-subset", "--methods", *METHODS, "--out_dir", str(out_dir)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        bench.main(argv)
-    finally:
-        torch.set_num_threads(threads)
+    bench.main(argv)
     return out_dir, argv
 
 

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import MarianMTModel
 
 from lets_hf.methods import METHODS
@@ -25,13 +24,7 @@ TINY_RUN = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """transformer_tiny's ops are too small for a second thread, which only adds waits (long ones on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # transformer_tiny (tests/conftest.py)
 
 
 @pytest.fixture
