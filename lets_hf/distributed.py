@@ -51,6 +51,15 @@ def average_scalars(values: torch.Tensor) -> torch.Tensor:
     return values / world_size()
 
 
+def same_on_all_ranks(value: int, device) -> tuple[int, int]:
+    """(min, max) of an integer over ranks, in one all-reduce: equal when every rank holds the same value."""
+    if world_size() == 1:
+        return value, value
+    both = torch.tensor([value, -value], dtype=torch.long, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return int(-both[1]), int(both[0])
+
+
 def _has_avg() -> bool:
     """gloo has no ReduceOp.AVG; NCCL does."""
     return dist.get_backend() == "nccl"

@@ -24,14 +24,20 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import unwrap_peft_model
+from transformers.utils import logging
 
+from . import loss_normalization
 from .config import LETSConfig
-from .distributed import GradientAverager, average_scalars
+from .distributed import GradientAverager, average_scalars, same_on_all_ranks
+from .loss_normalization import LossNormalization, logits_of
 from .optim import lightsam_optimizer_cls_and_kwargs
 from .radius import Radius, check_optimizer_supported
 from .rules import get_rule
 from .rules.base import global_norm
 from .validation import RhoBatches, split_for_rho
+
+logger = logging.get_logger(__name__)
 
 LETS_STATE_NAME = "lets_state.pt"
 #: Step of the finite-difference Hessian-vector product, relative to ‖d‖ (exact mode fallback).
@@ -77,6 +83,7 @@ class LETSTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        self.loss_normalization = self._configured_loss_normalization()
         self.rule = get_rule(args.sam_variant, args) if args.sam_variant != "none" else None
         self.rho_dataset = rho_dataset
         if self.rule is None:
@@ -104,6 +111,69 @@ class LETSTrainer(Trainer):
     def rho(self) -> float:
         """The current perturbation radius (0.0 for `sam_variant="none"`)."""
         return float(self.radius.value) if self.rule is not None else 0.0
+
+    # ------------------------------------------------------------------ loss normalization
+    @property
+    def model_accepts_loss_kwargs(self) -> bool:
+        """Trainer infers it in `__init__` from `forward`'s signature; LETSTrainer corrects it by a probe
+        (`lets_hf.loss_normalization`). A value assigned after `__init__` is the user's and wins."""
+        return self._model_accepts_loss_kwargs
+
+    @model_accepts_loss_kwargs.setter
+    def model_accepts_loss_kwargs(self, value: bool) -> None:
+        self._model_accepts_loss_kwargs = value
+        if "loss_normalization" in self.__dict__:  # set after __init__: the user's explicit choice
+            self.loss_normalization = LossNormalization(loss_normalization.USER, reason="model_accepts_loss_kwargs")
+
+    def _configured_loss_normalization(self) -> LossNormalization | None:
+        """The normalization known without a probe, or `None` (probe the first batch that has labels)."""
+        if self.compute_loss_func is not None:
+            return LossNormalization(loss_normalization.USER, reason="compute_loss_func")
+        if self.loss_is_scaled_for_ga is not None:
+            return LossNormalization(loss_normalization.USER, reason="loss_is_scaled_for_ga")
+        if hasattr(unwrap_peft_model(self.accelerator.unwrap_model(self.model)), "accepts_loss_kwargs"):
+            return LossNormalization(loss_normalization.USER, reason="the model's accepts_loss_kwargs")
+        if self.label_smoother is not None:  # Trainer computes the loss from the logits with num_items_in_batch
+            return LossNormalization(loss_normalization.BY_NUM_ITEMS, reason="label smoothing")
+        if not self.model_accepts_loss_kwargs:
+            return LossNormalization(loss_normalization.MICRO_BATCH_MEAN, reason="its forward takes no **kwargs")
+        return None
+
+    def _settle_loss_normalization(self, inputs) -> None:
+        """Probe once, on the first batch with labels (every rank agrees), and set Trainer's switches to match."""
+        if self.loss_normalization is not None or "labels" not in inputs:
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        verdict = loss_normalization.probe(unwrapped, inputs)
+        code = 0 if verdict is None else loss_normalization.VERDICTS.index(verdict) + 1
+        lowest, highest = same_on_all_ranks(code, self.args.device)
+        if lowest == 0:  # this batch cannot tell on some rank: probe the next one
+            return
+        if lowest != highest:
+            raise RuntimeError(
+                "The loss normalization probe gave different verdicts on different ranks "
+                f"({loss_normalization.VERDICTS[lowest - 1]} and {loss_normalization.VERDICTS[highest - 1]})."
+            )
+        corrected = verdict.kind != loss_normalization.BY_NUM_ITEMS
+        if verdict.kind == loss_normalization.MICRO_BATCH_MEAN:
+            self._model_accepts_loss_kwargs = False  # Trainer then divides by the accumulation steps, not by processes
+        if verdict.shift_labels is not None:
+            corrected |= verdict.shift_labels != getattr(self, "_loss_shifts_labels", False)
+            self._loss_shifts_labels = verdict.shift_labels  # how Trainer counts num_items_in_batch
+        self.loss_normalization = verdict
+        message = verdict.describe(unwrap_peft_model(unwrapped)._get_name(), corrects_trainer=corrected)
+        (logger.warning if corrected else logger.info)(message)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """Where Trainer counts `num_items_in_batch` (training and evaluation): settle the normalization first."""
+        if self.loss_normalization is None and batch_samples:
+            self._settle_loss_normalization(self._prepare_inputs(batch_samples[0]))
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def _processes_factor(self, num_items_in_batch) -> int:
+        """Trainer's factor for a loss divided by the all-rank count: DDP averages the gradients over ranks."""
+        counted_across = self.args.average_tokens_across_devices and num_items_in_batch is not None
+        return self.accelerator.num_processes if counted_across else 1
 
     # ------------------------------------------------------------------ the step
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -174,15 +244,25 @@ class LETSTrainer(Trainer):
             self._surrogate_pass = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not getattr(self, "_surrogate_pass", False):
+        """Trainer's loss, with the token mean recomputed for heads that drop `num_items_in_batch`,
+        and BiSAM's surrogate in its first pass."""
+        recompute = "labels" in inputs and self.loss_normalization is not None and (
+            self.loss_normalization.kind == loss_normalization.TOKEN_MEAN
+        )
+        surrogate_pass = getattr(self, "_surrogate_pass", False)
+        if not (recompute or surrogate_pass):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]  # Trainer pops them when it smooths labels
         loss, outputs = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
-        logits = outputs["logits"]
-        if self.accelerator.unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-            logits, labels = logits[..., :-1, :], labels[..., 1:]  # token t predicts label t+1, as the model's loss
-        surrogate = self.rule.first_pass_loss(logits, labels)
-        loss = loss.detach() + (surrogate - surrogate.detach())  # reports the model's loss, descends on ∇Q
+        logits = logits_of(outputs)
+        if recompute:
+            token_mean = self.loss_normalization.token_loss(logits, labels, num_items_in_batch)
+            loss = token_mean * self._processes_factor(num_items_in_batch)
+        if surrogate_pass:
+            if self.accelerator.unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+                logits, labels = logits[..., :-1, :], labels[..., 1:]  # token t predicts label t+1, as the model's loss
+            surrogate = self.rule.first_pass_loss(logits, labels)
+            loss = loss.detach() + (surrogate - surrogate.detach())  # reports the model's loss, descends on ∇Q
         return (loss, outputs) if return_outputs else loss
 
     def _local_step(self, model, inputs, num_items_in_batch):
@@ -383,11 +463,14 @@ class LETSTrainer(Trainer):
         self._record("rho_grad", self.radius.last_grad)
 
     def _validation_pass(self, model, params, u):
-        """L_val and ⟨∇L_val, u⟩ on this rank's shard of one validation batch (no DDP hooks)."""
-        inputs = self._prepare_inputs(next(self._rho_batches))
+        """L_val and ⟨∇L_val, u⟩ on this rank's shard of one validation batch (no DDP hooks), scaled as
+        Trainer scales a train batch: their mean over ranks is the global per-example or per-token mean."""
+        batch = next(self._rho_batches)
+        num_items_in_batch = self._get_num_items_in_batch([batch], self.args.device)  # counted as a train batch
+        inputs = self._prepare_inputs(batch)
         unwrapped = self.accelerator.unwrap_model(model)
         with self.compute_loss_context_manager():
-            loss = self.compute_loss(unwrapped, inputs)
+            loss = self.compute_loss(unwrapped, inputs, num_items_in_batch=num_items_in_batch)
         scale = 1.0 / self._scale_inverse()
         val_grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
         pairs = [(g, t) for g, t in zip(val_grads, u) if g is not None]

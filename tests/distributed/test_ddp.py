@@ -1,14 +1,12 @@
 """Real 2-process DDP on CPU (gloo) through `accelerate launch` with tests/distributed/configs/ddp.yaml."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lets_hf import available_rules
+from tests.distributed.launch import launch
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "train_toy.py"
@@ -19,21 +17,7 @@ pytestmark = pytest.mark.distributed
 
 def _run(out: Path, processes: int, *flags: str) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    if processes == 1:
-        command = [sys.executable, str(SCRIPT)]
-    else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(HERE / "configs" / "ddp.yaml"), str(SCRIPT)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    def launch():
-        command_line = command + ["--out", str(out), "--steps", str(STEPS), *flags]
-        return subprocess.run(command_line, capture_output=True, text=True, env=env, timeout=600)
-
-    done = launch()
-    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
-        # Rarely (seen twice in ~100 launches on a loaded 2-core machine) a gloo worker thread
-        # aborts the process outside any Python code; a real bug fails the same way twice.
-        done = launch()
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch(SCRIPT, "--out", str(out), "--steps", str(STEPS), *flags, processes=processes)
     results = [torch.load(out / f"rank{r}.pt") for r in range(processes)]
     assert all(r["world"] == processes for r in results)  # really 2 processes, not one silently
     return results

@@ -14,6 +14,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lets_hf import LETSConfig, LETSTrainer  # noqa: E402
+from tests.distributed.launch import leave_together  # noqa: E402
 from tests.toy import TinyClassifier, ToyDataset  # noqa: E402
 
 COUNTS = {"ddp_buckets": 0, "lets_hf": 0}
@@ -79,9 +80,7 @@ def main():
         "counts": dict(COUNTS),
     }
     torch.save(result, Path(cli.out) / f"rank{rank}.pt")
-    if dist.is_initialized():  # leave together: a rank exiting while gloo still talks aborts the job
-        dist.barrier()
-        dist.destroy_process_group()
+    leave_together()
 
 
 if __name__ == "__main__":
