@@ -7,7 +7,9 @@ Several GPUs (DDP):
     accelerate launch --config_file examples/accelerate_multi_gpu.yaml examples/run_glue.py --task mnli ...
 """
 
-from lets_hf.tasks.glue import main
+import sys
+
+from lets_hf.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["glue", *sys.argv[1:]])  # as `lets-hf glue`: user errors in one line, not a traceback

@@ -13,7 +13,9 @@ The full recipe (raw release or fairseq's tokenized layout, ~50 epochs on a GPU)
 `--help` lists every flag, all TrainingArguments and LETSConfig ones included.
 """
 
-from lets_hf.tasks.iwslt14.main import main
+import sys
+
+from lets_hf.cli import main
 
 if __name__ == "__main__":
-    main()
+    main(["iwslt14", *sys.argv[1:]])  # as `lets-hf iwslt14`: user errors in one line, not a traceback

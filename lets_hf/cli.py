@@ -1,25 +1,85 @@
-"""`lets-hf <task> [flags]`: one entry point; each task adapter brings its own `main(argv)`."""
+"""`lets-hf <task> [flags]`: one entry point; each task adapter brings its own `main(argv)`.
+
+User mistakes (`lets_hf.errors.UsageError`) print one message and exit 2; a run stopped by
+non-finite losses exits 1 with its message. `--debug` (or `LETS_HF_DEBUG=1`) keeps tracebacks.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from .config import LETSConfig
+from .errors import UsageError, user_inputs
+from .methods import PRESET_FIELDS, apply_method
+from .nonfinite import NonFiniteTrainingError
 
 TASKS = {
     "glue": ("lets_hf.tasks.glue", "Fine-tune on a GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)."),
     "iwslt14": ("lets_hf.tasks.iwslt14.main", "Train a translation model on IWSLT'14 De-En and report BLEU."),
 }
+DEBUG_FLAG = "--debug"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    debug = DEBUG_FLAG in argv or os.environ.get("LETS_HF_DEBUG", "") not in ("", "0")
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
     if not argv or argv[0] not in TASKS:
         lines = [f"  {name:<8} {summary}" for name, (_, summary) in TASKS.items()]
-        print("usage: lets-hf <task> [--flag value ...]\n\ntasks:\n" + "\n".join(lines))
+        print("usage: lets-hf <task> [--flag value ...] [--debug]\n\ntasks:\n" + "\n".join(lines))
         print("\n`lets-hf <task> --help` lists every flag, including all TrainingArguments.")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    module_name, _ = TASKS[argv[0]]
-    importlib.import_module(module_name).main(argv[1:])
+    task = argv[0]
+    try:
+        importlib.import_module(TASKS[task][0]).main(argv[1:])
+    except (UsageError, NonFiniteTrainingError) as error:
+        if debug:
+            raise
+        print(f"lets-hf {task}: error: {error}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, UsageError) else 1)
+
+
+def parse_command_line(task_fields, argv: list[str] | None, defaults: dict | None = None):
+    """(task arguments, LETSConfig) from `argv`. `--method` presets `sam_variant` and `learn_rho`; an explicit
+    `--sam_variant` or `--learn_rho` wins over it. Checks what needs no model: the output folder."""
+    parser = HfArgumentParser((task_fields, LETSConfig))
+    parser.set_defaults(**(defaults or {}))
+    with user_inputs():
+        task_args, config = parser.parse_args_into_dataclasses(args=argv)
+        if task_args.method is not None:
+            config = apply_method(config, task_args.method, keep=flags_given(argv or sys.argv[1:], PRESET_FIELDS))
+    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
+        raise UsageError(f"--output_dir {config.output_dir} is a file: give a folder (new or existing).")
+    return task_args, config
+
+
+def flags_given(argv: list[str], names) -> set[str]:
+    """Which of the fields `names` the command line sets explicitly (`--name`, `--name=v`, `--no_name`)."""
+    given = set()
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        for name in names:
+            if flag in (f"--{name}", f"--no_{name}", f"--{name.replace('_', '-')}"):
+                given.add(name)
+    return given
+
+
+def check_model_folder(name_or_path: str) -> None:
+    """A local path must be a saved model (config.json); anything else is left to the hub."""
+    path = Path(name_or_path)
+    looks_local = path.is_absolute() or name_or_path.startswith(".") or path.exists()
+    if looks_local and not path.is_dir():
+        raise UsageError(f"--model_name_or_path {name_or_path}: no such folder.")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UsageError(
+            f"--model_name_or_path {name_or_path} is a folder without config.json: not a saved model. Give a folder "
+            "written by save_pretrained, or a hub name."
+        )
 
 
 if __name__ == "__main__":

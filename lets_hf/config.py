@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
+from .errors import UsageError
 from .rules import available_rules
 from .rules.bisam import BISAM_SURROGATES
 
@@ -77,6 +80,14 @@ class LETSConfig(TrainingArguments):
             ρ_min,t = bsam_rho_min·lr_t/lr_peak. ρ (learned or not) is the max-side radius.
             BSAM needs `sam_scope="global"`.
 
+        > Safety
+
+        nonfinite_patience (`int`, defaults to `5`):
+            An optimizer step whose loss or first-pass gradient is NaN or inf is skipped for θ
+            and ρ (and a ρ update with a non-finite gap or hypergradient is skipped for ρ).
+            After this many consecutive skipped steps training stops with an error that names
+            the step, the last finite loss and the likely causes. `0`: never stop, keep skipping.
+
         Default ρ of these rules: BiSAM and BSAM 0.05 (SAM's), `lightsam-adagrad-norm`
         0.05 (its first ε is SAM's, then shrinks as gradients accumulate),
         `lightsam-adagrad` and `lightsam-adam` 1e-5 (a per-coordinate size, like an Adam
@@ -130,25 +141,32 @@ class LETSConfig(TrainingArguments):
         default=0.05,
         metadata={"help": "BSAM's min-side radius at the peak learning rate; it follows the lr schedule."},
     )
+    nonfinite_patience: int = field(
+        default=5,
+        metadata={
+            "help": "Steps with a NaN/inf loss or gradient are skipped; stop with an error after this many in a row "
+            "(0: never stop)."
+        },
+    )
 
     def __post_init__(self):
         if self.sam_variant != "none" and self.deepspeed:
-            raise ValueError(
+            raise UsageError(
                 "LETSTrainer does not support DeepSpeed yet (its engine owns the backward and the gradient buffers "
                 "that the perturbation needs). Remove --deepspeed and launch with DDP: accelerate launch --multi_gpu."
             )
         if self.sam_variant != "none" and self.fsdp:
-            raise ValueError(
+            raise UsageError(
                 "LETSTrainer does not support FSDP yet: the perturbation needs the global gradient norm over sharded "
                 "parameters. Remove --fsdp and launch with DDP (accelerate launch --multi_gpu)."
             )
         _check_choice("bisam_surrogate", self.bisam_surrogate, BISAM_SURROGATES)
         if self.bisam_mu <= 0 or self.bisam_alpha <= 0:
-            raise ValueError(f"bisam_mu and bisam_alpha must be > 0, got {self.bisam_mu} and {self.bisam_alpha}.")
+            raise UsageError(f"bisam_mu and bisam_alpha must be > 0, got {self.bisam_mu} and {self.bisam_alpha}.")
         if self.bsam_rho_min < 0:
-            raise ValueError(f"bsam_rho_min must be >= 0, got {self.bsam_rho_min}.")
+            raise UsageError(f"bsam_rho_min must be >= 0, got {self.bsam_rho_min}.")
         if self.sam_variant == "bsam" and self.sam_scope == "local":
-            raise ValueError(
+            raise UsageError(
                 "sam_variant='bsam' needs sam_scope='global': its min-side pass reuses the cached global batch, "
                 "which the local scope does not keep. Use sam_scope='global' (or another rule for m-sharpness)."
             )
@@ -156,30 +174,59 @@ class LETSConfig(TrainingArguments):
         super().__post_init__()
         variants = ["none", *available_rules()]
         if self.sam_variant not in variants:
-            raise ValueError(f"Unknown sam_variant {self.sam_variant!r}: choose one of {variants}.")
+            raise UsageError(f"Unknown sam_variant {self.sam_variant!r}: choose one of {variants}.")
         _check_choice("sam_scope", self.sam_scope, SCOPES)
         _check_choice("rho_optimizer", self.rho_optimizer, RHO_OPTIMIZERS)
         _check_choice("rho_hessian", self.rho_hessian, RHO_HESSIANS)
+        for name in ("rho", "rho_lr", "rho_min", "rho_max"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value}.")
         if self.rho is not None and self.rho <= 0:
-            raise ValueError(
+            raise UsageError(
                 f"rho must be > 0, got {self.rho}; for training without perturbation use sam_variant='none'."
             )
         if self.learn_rho and self.sam_variant == "none":
-            raise ValueError("learn_rho=True needs a perturbation: set sam_variant to 'sam', 'asam', ... (not 'none').")
+            raise UsageError("learn_rho=True needs a perturbation: set sam_variant to 'sam', 'asam', ... (not 'none').")
         if self.learn_rho and self.rho_hessian == "exact" and self.sam_scope == "local":
-            raise ValueError("rho_hessian='exact' needs sam_scope='global'; use 'diagonal' or 'identity' with 'local'.")
+            raise UsageError("rho_hessian='exact' needs sam_scope='global'; use 'diagonal' or 'identity' with 'local'.")
         if not 0 <= self.rho_min < self.rho_max:
-            raise ValueError(f"Need 0 <= rho_min < rho_max, got rho_min={self.rho_min}, rho_max={self.rho_max}.")
+            raise UsageError(f"Need 0 <= rho_min < rho_max, got rho_min={self.rho_min}, rho_max={self.rho_max}.")
+        if self.learn_rho and self.rho is not None:
+            check_rho_within_bounds(self.rho, self.rho_min, self.rho_max)
         if self.rho_lr is not None and self.rho_lr <= 0:
-            raise ValueError(f"rho_lr must be > 0, got {self.rho_lr}.")
+            raise UsageError(f"rho_lr must be > 0, got {self.rho_lr}.")
         if self.rho_update_interval < 1:
-            raise ValueError(f"rho_update_interval must be >= 1, got {self.rho_update_interval}.")
+            raise UsageError(f"rho_update_interval must be >= 1, got {self.rho_update_interval}.")
         if self.rho_batch_size is not None and self.rho_batch_size < 1:
-            raise ValueError(f"rho_batch_size must be >= 1, got {self.rho_batch_size}.")
+            raise UsageError(f"rho_batch_size must be >= 1, got {self.rho_batch_size}.")
         if not 0 < self.rho_val_fraction < 1:
-            raise ValueError(f"rho_val_fraction must be in (0, 1), got {self.rho_val_fraction}.")
+            raise UsageError(f"rho_val_fraction must be in (0, 1), got {self.rho_val_fraction}.")
+        if self.nonfinite_patience < 0:
+            raise UsageError(f"nonfinite_patience must be >= 0 (0: never stop), got {self.nonfinite_patience}.")
+        if self.fp16 and not _has_accelerator(self.use_cpu):
+            raise UsageError(
+                "fp16 needs a GPU (its loss scaling runs on CUDA), and this run is on the CPU, where it would "
+                "change nothing. Remove --fp16, or use --bf16 where the CPU supports it."
+            )
+
+
+def check_rho_within_bounds(rho: float, rho_min: float, rho_max: float) -> None:
+    """A learned ρ starts inside its projection bounds (otherwise the first update jumps to a bound)."""
+    if not rho_min <= rho <= rho_max:
+        raise UsageError(
+            f"With learn_rho the initial rho ({rho}) must lie in [rho_min, rho_max] = [{rho_min}, {rho_max}]. "
+            "Change rho, or widen the bounds."
+        )
+
+
+def _has_accelerator(use_cpu: bool) -> bool:
+    if use_cpu:
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}: choose one of {list(choices)}.")
+        raise UsageError(f"Unknown {name} {value!r}: choose one of {list(choices)}.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from .errors import UsageError
+
 _RULES = ("sam", "asam", "bisam", "bsam", "lightsam-adagrad-norm", "lightsam-adagrad", "lightsam-adam")
 
 #: method name -> (sam_variant, learn_rho). Each rule `r` comes as `r` and `lets-r` (learned ρ).
@@ -17,9 +19,14 @@ METHOD_PRESETS: dict[str, tuple[str, bool]] = {
 METHODS = tuple(METHOD_PRESETS)
 
 
-def apply_method(config, method: str):
-    """A copy of `config` (a LETSConfig) with the preset's perturbation rule and learned-ρ switch."""
+#: The config fields a preset sets.
+PRESET_FIELDS = ("sam_variant", "learn_rho")
+
+
+def apply_method(config, method: str, keep=()):
+    """A copy of `config` (a LETSConfig) with the preset's perturbation rule and learned-ρ switch,
+    except the fields in `keep` (set explicitly by the user, who wins over the preset)."""
     if method not in METHOD_PRESETS:
-        raise ValueError(f"Unknown --method {method!r}: choose one of {list(METHODS)}.")
-    sam_variant, learn_rho = METHOD_PRESETS[method]
-    return dataclasses.replace(config, sam_variant=sam_variant, learn_rho=learn_rho)
+        raise UsageError(f"Unknown --method {method!r}: choose one of {list(METHODS)}.")
+    preset = dict(zip(PRESET_FIELDS, METHOD_PRESETS[method]))
+    return dataclasses.replace(config, **{name: value for name, value in preset.items() if name not in keep})

@@ -34,6 +34,7 @@ class Radius:
         self.exp_avg = torch.zeros((), dtype=torch.float64, device=device)
         self.exp_avg_sq = torch.zeros((), dtype=torch.float64, device=device)
         self.last_grad = torch.zeros((), dtype=torch.float64, device=device)
+        self.skipped_updates = torch.zeros((), dtype=torch.long, device=device)
         self._before_update: list[torch.Tensor] | None = None
 
     # -- when to do the work ---------------------------------------------------------
@@ -83,7 +84,11 @@ class Radius:
 
     # -- the ρ step ------------------------------------------------------------------
     def update(self, gap: torch.Tensor, inner: torch.Tensor) -> None:
-        """ρ ← clip(ρ − lr·update(dF/dρ)), with dF/dρ = gap·inner."""
+        """ρ ← clip(ρ − lr·update(dF/dρ)), with dF/dρ = gap·inner.
+
+        A non-finite gap or hypergradient leaves ρ and its optimizer state as they were, on the
+        device (no host sync), and counts in `skipped_updates`.
+        """
         grad = (gap * inner).double()
         self.last_grad = grad
         self._before_update = [t.clone() for t in self._scalars()]
@@ -98,9 +103,13 @@ class Radius:
         else:
             direction = grad
         self.value.sub_(self.lr * direction).clamp_(self.args.rho_min, self.args.rho_max)
+        finite = torch.isfinite(gap) & torch.isfinite(grad) & torch.isfinite(self.value)
+        for tensor, before in zip(self._scalars(), self._before_update):
+            tensor.copy_(torch.where(finite, tensor, before))
+        self.skipped_updates += (~finite).to(self.skipped_updates.dtype)
 
     def skip_step(self) -> None:
-        """The optimizer skipped this step (fp16 overflow): undo this step's ρ update and drop u."""
+        """The optimizer skipped this step (fp16 overflow, non-finite step): undo this step's ρ update and drop u."""
         if self._before_update is not None:
             for tensor, saved in zip(self._scalars(), self._before_update):
                 tensor.copy_(saved)
@@ -121,6 +130,7 @@ class Radius:
             "exp_avg_sq": self.exp_avg_sq,
             "u": self.u,
             "u_valid": self.u_valid,
+            "skipped_updates": self.skipped_updates,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -129,6 +139,7 @@ class Radius:
         if state["u"] is not None:
             self.u = [t.to(self.value.device) for t in state["u"]]
         self.u_valid = state["u_valid"]
+        self.skipped_updates.copy_(state.get("skipped_updates", 0))  # absent before lets-hf counted them
 
 
 def descent_jacobian_(optimizer, group: dict, params: list[torch.Tensor], tangents: list[torch.Tensor]) -> None:

@@ -24,13 +24,15 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_utils import unwrap_peft_model
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints, unwrap_peft_model
 from transformers.utils import logging
 
-from . import loss_normalization
-from .config import LETSConfig
+from . import checkpoints, loss_normalization
+from .config import LETSConfig, check_rho_within_bounds
+from .errors import UsageError
 from .distributed import GradientAverager, average_scalars, same_on_all_ranks
 from .loss_normalization import LossNormalization, logits_of
+from .nonfinite import NonFiniteGuard
 from .optim import lightsam_optimizer_cls_and_kwargs
 from .radius import Radius, check_optimizer_supported
 from .rules import get_rule
@@ -70,10 +72,10 @@ class LETSTrainer(Trainer):
             raise TypeError(f"LETSTrainer needs a LETSConfig as args, got {type(args).__name__}.")
         if args.learn_rho and rho_dataset is None:
             if train_dataset is None:
-                raise ValueError("learn_rho=True needs validation data: pass train_dataset (split) or rho_dataset.")
+                raise UsageError("learn_rho=True needs validation data: pass train_dataset (split) or rho_dataset.")
             train_dataset, rho_dataset = split_for_rho(train_dataset, args.rho_val_fraction, args.rho_seed)
         if args.learn_rho and len(rho_dataset) == 0:
-            raise ValueError("rho_dataset is empty: learn_rho=True needs validation examples held out from train.")
+            raise UsageError("rho_dataset is empty: learn_rho=True needs validation examples held out from train.")
         super().__init__(
             model=model,
             args=args,
@@ -86,14 +88,20 @@ class LETSTrainer(Trainer):
         self.loss_normalization = self._configured_loss_normalization()
         self.rule = get_rule(args.sam_variant, args) if args.sam_variant != "none" else None
         self.rho_dataset = rho_dataset
+        self._staging_checkpoint = False
+        self._nonfinite = NonFiniteGuard(args.nonfinite_patience)
+        self._step_skipped = False
+        self.add_callback(_NonFiniteStepGuard(self))
         if self.rule is None:
             return
         if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise ValueError(
+            raise UsageError(
                 f"LETSTrainer does not support {self.accelerator.distributed_type.value} yet: the perturbation needs "
                 "the full gradient on every rank. Launch with DDP instead (accelerate launch --multi_gpu)."
             )
         initial_rho = args.rho if args.rho is not None else self.rule.default_rho
+        if args.learn_rho:
+            check_rho_within_bounds(initial_rho, args.rho_min, args.rho_max)
         self.radius = Radius(args, initial_rho, self.args.device)
         self._rho_batches = self._make_rho_batches() if args.learn_rho else None
         self._average_grads = GradientAverager()
@@ -154,7 +162,8 @@ class LETSTrainer(Trainer):
                 "The loss normalization probe gave different verdicts on different ranks "
                 f"({loss_normalization.VERDICTS[lowest - 1]} and {loss_normalization.VERDICTS[highest - 1]})."
             )
-        corrected = verdict.kind != loss_normalization.BY_NUM_ITEMS
+        split_batches = self.args.gradient_accumulation_steps > 1 or self.args.world_size > 1
+        corrected = verdict.kind != loss_normalization.BY_NUM_ITEMS and split_batches  # else Trainer agrees
         if verdict.kind == loss_normalization.MICRO_BATCH_MEAN:
             self._model_accepts_loss_kwargs = False  # Trainer then divides by the accumulation steps, not by processes
         if verdict.shift_labels is not None:
@@ -178,10 +187,26 @@ class LETSTrainer(Trainer):
     # ------------------------------------------------------------------ the step
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self.rule is None:
-            return super().training_step(model, inputs, num_items_in_batch)
-        if self.args.sam_scope == "local":
-            return self._local_step(model, inputs, num_items_in_batch)
-        return self._global_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        elif self.args.sam_scope == "local":
+            loss = self._local_step(model, inputs, num_items_in_batch)
+        else:
+            loss = self._global_step(model, inputs, num_items_in_batch)
+        self._nonfinite.observe_loss(loss)
+        return loss
+
+    def _likely_causes_of_nonfinite(self) -> str:
+        rho = f", a perturbation radius too large (rho = {self.rho:.4g})" if self.rule is not None else ""
+        return f"a learning rate too high (learning_rate = {self.args.learning_rate:g}){rho}, or NaN/inf in the data"
+
+    def _end_step_guard(self) -> None:
+        """Before the optimizer steps: skip a non-finite step (the optimizer leaves parameters without a
+        gradient, and their state, untouched), or stop after `nonfinite_patience` of them in a row."""
+        finite = self._nonfinite.end_step(self.state.global_step + 1, self._likely_causes_of_nonfinite)
+        scaler = self.accelerator.scaler
+        if not finite and not (scaler is not None and scaler.is_enabled()):  # a grad scaler skips it by itself
+            self.optimizer.zero_grad(set_to_none=True)
+        self._step_skipped = not finite
 
     def _global_step(self, model, inputs, num_items_in_batch):
         with self.accelerator.no_sync(model), self._first_pass():
@@ -335,6 +360,7 @@ class LETSTrainer(Trainer):
         """
         grad_norm = self.rule.direction_(names, params, grads)
         self._record("first_grad_norm", grad_norm)
+        self._nonfinite.observe(grad_norm)
         tracked = self.radius.tracks_step(self.state.global_step)
         if tracked:
             u = self._u_for(params)
@@ -510,9 +536,47 @@ class LETSTrainer(Trainer):
                 self._last_metrics[name] = float(total) / self._metric_counts[name]
             self._metric_sums, self._metric_counts = {}, {}
             logs.update(rho=self.rho, **self._last_metrics)
+            if self.radius.skipped_updates:
+                logs["rho_updates_skipped"] = int(self.radius.skipped_updates)
+        if "loss" in logs and self._nonfinite.skipped_steps:
+            logs["nonfinite_steps_skipped"] = self._nonfinite.skipped_steps
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Trainer's `train`; a checkpoint to resume from is checked for completeness first."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: Trainer's own error
+        if isinstance(resume_from_checkpoint, str):
+            lets_state = [os.path.basename(self._lets_state_path(resume_from_checkpoint))] if self.rule else []
+            checkpoints.check_resumable(resume_from_checkpoint, lets_state, with_optimizer=not self.args.save_only_model)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return checkpoints.staging_dir(run_dir) if self._staging_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written under `.staging/` and renamed to `checkpoint-N` once every process is done."""
+        run_dir, folder = self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            checkpoints.clear_staged(run_dir, folder)
+        self.accelerator.wait_for_everyone()
+        self._staging_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_checkpoint = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged = os.path.join(checkpoints.staging_dir(run_dir), folder)
+            final = checkpoints.publish(run_dir, folder)
+            if self.state.best_model_checkpoint == staged:
+                self.state.best_model_checkpoint = final
+                checkpoints.save_state_atomically(self.state, final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.rule is None or not (self.args.should_save or self._rank_local_state()):
@@ -533,7 +597,7 @@ class LETSTrainer(Trainer):
             return
         path = self._lets_state_path(checkpoint)
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise UsageError(
                 f"{path} is missing: this checkpoint was not written by LETSTrainer with this sam_scope and number "
                 "of processes, so ρ and its optimizer state cannot be restored. Resume from such a checkpoint or "
                 "start a new run."
@@ -569,12 +633,20 @@ class _AfterOptimizerStep(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer, radius = self.trainer, self.trainer.radius
-        if trainer.accelerator.optimizer_step_was_skipped:
+        if trainer.accelerator.optimizer_step_was_skipped or trainer._step_skipped:
             radius.skip_step()
         elif radius.tracks_step(state.global_step):
             params = trainer._trainable(trainer.model_wrapped)[1]
             radius.apply_descent_jacobian_(trainer.optimizer, params, radius.buffers_like(params))
         radius.step_done()
+
+
+class _NonFiniteStepGuard(TrainerCallback):
+    def __init__(self, trainer: LETSTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._end_step_guard()
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:

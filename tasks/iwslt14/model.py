@@ -81,13 +81,13 @@ def generation_config(config: MarianConfig, num_beams: int = 5, max_new_tokens: 
     """fairseq-generate's search: beam 5, length penalty 1, up to 200 tokens, never `<pad>`.
 
     A sentence's search ends once `num_beams` hypotheses are finished (`early_stopping=True`),
-    as in fairseq's SequenceGenerator.
+    as in fairseq's SequenceGenerator; `num_beams=1` is greedy search, which has no such option.
     """
     return GenerationConfig(
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
         length_penalty=1.0,
-        early_stopping=True,
+        early_stopping=num_beams > 1,
         suppress_tokens=[config.pad_token_id],
         decoder_start_token_id=config.decoder_start_token_id,
         bos_token_id=config.bos_token_id,

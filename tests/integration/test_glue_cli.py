@@ -1,38 +1,16 @@
 """`lets-hf glue` end to end on a tiny BERT (2 steps): needs the core `LETSTrainer` and `lets_hf.methods`."""
 
 import json
-import string
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from transformers import BertConfig, BertModel, BertTokenizer
 
 from lets_hf.tasks.glue import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_GLUE = REPO_ROOT / "examples" / "data" / "glue"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer, hidden-32 BERT and a character-level WordPiece tokenizer, saved like a hub model."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    characters = string.ascii_lowercase + string.digits
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{c}" for c in characters)]
-    tokens += list(string.punctuation)
-    BertTokenizer(vocab={token: index for index, token in enumerate(tokens)}).save_pretrained(folder)
-    config = BertConfig(
-        vocab_size=len(tokens),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)  # an encoder without a head, like a pretrained checkpoint
-    return folder
 
 
 def write_tsv(path: Path, rows: list[list[str]]) -> None:

@@ -110,7 +110,7 @@ class _Poisoned(TinyClassifier):
 
 
 def _fp16_trainer(make_args, poison_call=None, variant="sam"):
-    args = _lets_args(make_args, sam_variant=variant, fp16=True, max_steps=4, optim="adamw_torch", learning_rate=0.01)
+    args = _lets_args(make_args, sam_variant=variant, max_steps=4, optim="adamw_torch", learning_rate=0.01)
     trainer = LETSTrainer(model=_Poisoned(poison_call), args=args, train_dataset=ToyDataset(64), rho_dataset=ToyDataset(16, seed=1))
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # CPU stand-in for CUDA amp
     return trainer
@@ -121,7 +121,7 @@ def test_fp16_scaler_unscales_before_the_rule_and_the_rho_update(make_args, vari
     """Scaled and unscaled runs agree: every scale-dependent quantity was unscaled first."""
     scaled = _fp16_trainer(make_args, variant=variant)
     scaled.train()
-    plain_args = _lets_args(make_args, sam_variant=variant, fp16=True, max_steps=4, optim="adamw_torch", learning_rate=0.01)
+    plain_args = _lets_args(make_args, sam_variant=variant, max_steps=4, optim="adamw_torch", learning_rate=0.01)
     plain = LETSTrainer(model=_Poisoned(None), args=plain_args, train_dataset=ToyDataset(64), rho_dataset=ToyDataset(16, seed=1))
     plain.train()
     assert scaled.accelerator.scaler.get_scale() == 2.0**10

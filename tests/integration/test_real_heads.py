@@ -85,14 +85,16 @@ def _bert_trainer(tmp_path, trainer_cls=LETSTrainer, **kwargs):
     return trainer_cls(model=build_model("bert-classification"), args=args, train_dataset=train_rows("bert-classification"), **kwargs)
 
 
-def test_the_choice_is_logged_once_with_the_model_class(tmp_path, one_thread, caplog):
+@pytest.mark.parametrize("accumulation,level", [(4, "WARNING"), (1, "INFO")])  # a warning only where Trainer errs
+def test_the_choice_is_logged_once_with_the_model_class(tmp_path, one_thread, caplog, accumulation, level):
     trainer = _bert_trainer(tmp_path)
-    trainer.args.max_steps = 3
+    trainer.args.max_steps, trainer.args.gradient_accumulation_steps = 3, accumulation
     with caplog.at_level(logging.INFO, logger="lets_hf"):
         trainer.train()
-    messages = [r.getMessage() for r in caplog.records if r.name.startswith("lets_hf")]
-    assert len(messages) == 1 and messages[0].startswith("BertForSequenceClassification ignores num_items_in_batch")
-    assert "divided by the gradient accumulation steps" in messages[0]
+    records = [r for r in caplog.records if r.name.startswith("lets_hf")]
+    assert len(records) == 1 and records[0].levelname == level
+    assert records[0].getMessage().startswith("BertForSequenceClassification ignores num_items_in_batch")
+    assert "divided by the gradient accumulation steps" in records[0].getMessage()
 
 
 def _first_loss(trainer) -> float:

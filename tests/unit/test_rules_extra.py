@@ -172,7 +172,7 @@ def test_bsam_combine_keeps_the_grad_scale():
 
 def test_bsam_under_fp16_loss_scaling_equals_the_unscaled_run(make_args):
     def run(scale):
-        trainer = _trainer(make_args, "bsam", 3, train=False, fp16=True)
+        trainer = _trainer(make_args, "bsam", 3, train=False)
         if scale:
             trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale)  # CPU stand-in for CUDA amp
         trainer.train()
