@@ -1,8 +1,20 @@
 """lets-hf: sharpness-aware minimization with a learned perturbation radius for 🤗 Trainer."""
 
-from .config import LETSConfig
+from .config import LETSArguments, LETSConfig, LETSSeq2SeqConfig
+from .mixin import LETSMixin
 from .rules import PerturbationRule, available_rules, get_rule, register_rule
-from .trainer import LETSTrainer
+from .trainers import LETSSeq2SeqTrainer, LETSTrainer
 
-__all__ = ["LETSConfig", "LETSTrainer", "PerturbationRule", "available_rules", "get_rule", "register_rule"]
+__all__ = [
+    "LETSArguments",
+    "LETSConfig",
+    "LETSMixin",
+    "LETSSeq2SeqConfig",
+    "LETSSeq2SeqTrainer",
+    "LETSTrainer",
+    "PerturbationRule",
+    "available_rules",
+    "get_rule",
+    "register_rule",
+]
 __version__ = "0.1.0"

@@ -1,4 +1,12 @@
-"""`LETSConfig`: `TrainingArguments` plus the sharpness-aware and learned-radius knobs."""
+"""The LETS fields and their validation (`LETSArguments`), and the configs that join them to
+`TrainingArguments` (`LETSConfig`) and `Seq2SeqTrainingArguments` (`LETSSeq2SeqConfig`).
+
+`LETSArguments` is a plain dataclass holding only the LETS fields, so it joins any
+`TrainingArguments` subclass in either base order without touching that class's defaults:
+
+    @dataclass
+    class MyConfig(LETSArguments, MyTrainingArguments): ...
+"""
 
 from __future__ import annotations
 
@@ -6,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainingArguments
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .errors import UsageError
 from .rules import available_rules
@@ -18,9 +26,9 @@ RHO_HESSIANS = ("diagonal", "exact", "identity")
 
 
 @dataclass
-class LETSConfig(TrainingArguments):
+class LETSArguments:
     r"""
-    Configuration for [`LETSTrainer`]. Every `TrainingArguments` field keeps its meaning.
+    The LETS fields, for any `TrainingArguments` subclass (see the module docstring).
 
     Parameters:
         > Perturbation (the lower level: SAM or a variant)
@@ -150,6 +158,18 @@ class LETSConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        """Validate before and after the other base's own `__post_init__` (when that base comes later in the
+        MRO; otherwise the trainer validates these fields when it is built)."""
+        self._check_before_training_arguments()
+        super().__post_init__()
+        self.check_lets_arguments()
+
+    def check_lets_arguments(self) -> None:
+        """Raise `UsageError` for LETS settings that cannot run; idempotent."""
+        self._check_before_training_arguments()
+        self._check_after_training_arguments()
+
+    def _check_before_training_arguments(self) -> None:
         if self.sam_variant != "none" and self.deepspeed:
             raise UsageError(
                 "LETSTrainer does not support DeepSpeed yet (its engine owns the backward and the gradient buffers "
@@ -171,7 +191,7 @@ class LETSConfig(TrainingArguments):
                 "which the local scope does not keep. Use sam_scope='global' (or another rule for m-sharpness)."
             )
 
-        super().__post_init__()
+    def _check_after_training_arguments(self) -> None:
         variants = ["none", *available_rules()]
         if self.sam_variant not in variants:
             raise UsageError(f"Unknown sam_variant {self.sam_variant!r}: choose one of {variants}.")
@@ -209,6 +229,16 @@ class LETSConfig(TrainingArguments):
                 "fp16 needs a GPU (its loss scaling runs on CUDA), and this run is on the CPU, where it would "
                 "change nothing. Remove --fp16, or use --bf16 where the CPU supports it."
             )
+
+
+@dataclass
+class LETSConfig(LETSArguments, TrainingArguments):
+    """Configuration of [`LETSTrainer`]: every `TrainingArguments` field, plus the LETS fields of [`LETSArguments`]."""
+
+
+@dataclass
+class LETSSeq2SeqConfig(LETSArguments, Seq2SeqTrainingArguments):
+    """Configuration of [`LETSSeq2SeqTrainer`]: `Seq2SeqTrainingArguments` (generation in evaluation) plus LETS."""
 
 
 def check_rho_within_bounds(rho: float, rho_min: float, rho_max: float) -> None:

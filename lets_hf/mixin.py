@@ -1,8 +1,11 @@
-"""`LETSTrainer`: Trainer's loop with sharpness-aware passes and, optionally, a learned ρ.
+"""`LETSMixin`: sharpness-aware passes and a learned ρ for any `transformers.Trainer` subclass.
+
+    class LETSTrainer(LETSMixin, Trainer): ...            # lets_hf/trainers.py
+    class MyTrainer(LETSMixin, MyOwnTrainer): ...         # the same two lines for any subclass
 
 Per optimizer step (global scope, M accumulation micro-batches):
 
-1. first passes: each micro-batch runs Trainer's own `training_step` under `no_sync`,
+1. first passes: each micro-batch runs the trainer's own `training_step` under `no_sync`,
    accumulating g in `.grad`; the inputs are cached;
 2. on the last micro-batch: average g over ranks (one all-reduce), update ρ if due
    (validation pass + hypergradient), turn g into ε = ρ·d with the rule, perturb θ;
@@ -11,7 +14,9 @@ Per optimizer step (global scope, M accumulation micro-batches):
 4. Trainer clips and steps the optimizer as usual; a callback then turns the stored
    H·d into u = ∂θ_{t+1}/∂ρ for the next ρ update.
 
-In the local scope each micro-batch perturbs with its own (rank-local) gradient.
+In the local scope each micro-batch perturbs with its own (rank-local) gradient. Passes
+other than Trainer's own first pass run inside `extra_pass()`, so that a trainer that
+records metrics in `compute_loss` (TRL) can count each training token once.
 """
 
 from __future__ import annotations
@@ -22,13 +27,13 @@ import warnings
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints, unwrap_peft_model
 from transformers.utils import logging
 
 from . import checkpoints, loss_normalization
-from .config import LETSConfig, check_rho_within_bounds
+from .config import LETSArguments, check_rho_within_bounds
 from .errors import UsageError
 from .distributed import GradientAverager, average_scalars, same_on_all_ranks
 from .loss_normalization import LossNormalization, logits_of
@@ -46,49 +51,31 @@ LETS_STATE_NAME = "lets_state.pt"
 FD_STEP = 1e-3
 
 
-class LETSTrainer(Trainer):
-    """A `transformers.Trainer` that trains with SAM-family perturbations and can learn ρ.
+class LETSMixin:
+    """Put it first among the bases of a `Trainer` subclass; its `args` must be a `LETSArguments`.
 
     Args:
         rho_dataset: held-out training data for the upper level (learned ρ). When `None`
-            and `args.learn_rho`, a fixed-seed `args.rho_val_fraction` of `train_dataset`
-            is held out and never trained on. The evaluation set is never used for ρ.
-        Every other argument is `Trainer`'s.
+            and `args.learn_rho`, a fixed-seed `args.rho_val_fraction` of the trainer's
+            `train_dataset` (as the trainer prepared it) is held out and never trained on.
+            The evaluation set is never used for ρ.
+        Every other argument is the trainer's own.
     """
 
-    def __init__(
-        self,
-        model=None,
-        args: LETSConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        rho_dataset=None,
-        **kwargs,
-    ):
-        args = args if args is not None else LETSConfig(output_dir="tmp_trainer")
-        if not isinstance(args, LETSConfig):
-            raise TypeError(f"LETSTrainer needs a LETSConfig as args, got {type(args).__name__}.")
-        if args.learn_rho and rho_dataset is None:
-            if train_dataset is None:
-                raise UsageError("learn_rho=True needs validation data: pass train_dataset (split) or rho_dataset.")
-            train_dataset, rho_dataset = split_for_rho(train_dataset, args.rho_val_fraction, args.rho_seed)
-        if args.learn_rho and len(rho_dataset) == 0:
-            raise UsageError("rho_dataset is empty: learn_rho=True needs validation examples held out from train.")
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
+    def __init__(self, *args, rho_dataset=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, LETSArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs args with the LETS fields (LETSConfig, or a dataclass with LETSArguments "
+                f"among its bases), got {type(self.args).__name__}."
+            )
+        args = self.args
+        args.check_lets_arguments()  # again: a config whose other base comes first never ran it
         self.loss_normalization = self._configured_loss_normalization()
         self.rule = get_rule(args.sam_variant, args) if args.sam_variant != "none" else None
-        self.rho_dataset = rho_dataset
+        self.rho_dataset = self._rho_validation_data(rho_dataset)
         self._staging_checkpoint = False
+        self._in_extra_pass = False
         self._nonfinite = NonFiniteGuard(args.nonfinite_patience)
         self._step_skipped = False
         self.add_callback(_NonFiniteStepGuard(self))
@@ -96,12 +83,13 @@ class LETSTrainer(Trainer):
             return
         if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             raise UsageError(
-                f"LETSTrainer does not support {self.accelerator.distributed_type.value} yet: the perturbation needs "
+                f"{type(self).__name__} does not support {self.accelerator.distributed_type.value} yet: the perturbation needs "
                 "the full gradient on every rank. Launch with DDP instead (accelerate launch --multi_gpu)."
             )
         initial_rho = args.rho if args.rho is not None else self.rule.default_rho
         if args.learn_rho:
             check_rho_within_bounds(initial_rho, args.rho_min, args.rho_max)
+            self._use_non_reentrant_checkpointing()
         self.radius = Radius(args, initial_rho, self.args.device)
         self._rho_batches = self._make_rho_batches() if args.learn_rho else None
         self._average_grads = GradientAverager()
@@ -114,6 +102,49 @@ class LETSTrainer(Trainer):
         self._metric_counts: dict[str, int] = {}
         self._last_metrics: dict[str, float] = {}
         self.add_callback(_AfterOptimizerStep(self))
+
+    def _rho_validation_data(self, rho_dataset):
+        """`rho_dataset` as the trainer prepares datasets, or a held-out split of the prepared train set."""
+        if not self.args.learn_rho:
+            return rho_dataset
+        if rho_dataset is not None:
+            rho_dataset = self._prepare_rho_dataset(rho_dataset)
+        elif self.train_dataset is None:
+            raise UsageError("learn_rho=True needs validation data: pass train_dataset (split) or rho_dataset.")
+        else:
+            self.train_dataset, rho_dataset = split_for_rho(
+                self.train_dataset, self.args.rho_val_fraction, self.args.rho_seed
+            )
+        if len(rho_dataset) == 0:
+            raise UsageError("rho_dataset is empty: learn_rho=True needs validation examples held out from train.")
+        return rho_dataset
+
+    def _prepare_rho_dataset(self, rho_dataset):
+        """Hook for trainers that prepare their datasets in `__init__` (TRL tokenizes, packs): the same for ρ's."""
+        return rho_dataset
+
+    def _use_non_reentrant_checkpointing(self) -> None:
+        """The ρ update takes gradients with `torch.autograd.grad`, which reentrant checkpointing cannot run."""
+        if not self.args.gradient_checkpointing:
+            return
+        kwargs = dict(self.args.gradient_checkpointing_kwargs or {})
+        if kwargs.get("use_reentrant"):
+            raise UsageError(
+                "learn_rho with gradient checkpointing needs non-reentrant checkpointing (its validation gradient is "
+                "taken with torch.autograd.grad). Set gradient_checkpointing_kwargs={'use_reentrant': False}."
+            )
+        kwargs["use_reentrant"] = False
+        self.args.gradient_checkpointing_kwargs = kwargs
+
+    @contextlib.contextmanager
+    def extra_pass(self):
+        """The passes LETS adds to the trainer's own (perturbed, validation, Hessian): `compute_loss` sees
+        `self._in_extra_pass`, so that per-token metrics count each training token once."""
+        self._in_extra_pass = True
+        try:
+            yield
+        finally:
+            self._in_extra_pass = False
 
     @property
     def rho(self) -> float:
@@ -237,7 +268,7 @@ class LETSTrainer(Trainer):
         """Descent gradient at the perturbed point; DDP all-reduces on the last micro-batch only."""
         for i, (inputs, num_items_in_batch) in enumerate(cached):
             last = i == len(cached) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model), self.extra_pass():
                 super().training_step(model, inputs, num_items_in_batch)
 
     def _min_side_passes(self, model, params):
@@ -313,7 +344,8 @@ class LETSTrainer(Trainer):
                 batch = [(inputs, num_items_in_batch)]
                 self._update_rho(model, params, grads, loss * micro_batches, batch, micro_batches=micro_batches)
             self._perturb_(names, params, grads, mean_of=micro_batches, first_micro_batch=first_micro_batch)
-            super().training_step(model, inputs, num_items_in_batch)
+            with self.extra_pass():
+                super().training_step(model, inputs, num_items_in_batch)
             self._restore_(params)
         if self.accelerator.gradient_state.sync_gradients:
             if self.radius.tracks_step(self.state.global_step):
@@ -389,7 +421,7 @@ class LETSTrainer(Trainer):
         return [self._backup[id(p)] for p in params]
 
     def _u_for(self, params, model=None):
-        all_params = self._trainable(model or self.model_wrapped)[1]
+        all_params = self._trainable(model if model is not None else self.model_wrapped)[1]
         u_all = self.radius.buffers_like(all_params)
         index = {id(p): i for i, p in enumerate(all_params)}
         return [u_all[index[id(p)]] for p in params]
@@ -436,7 +468,7 @@ class LETSTrainer(Trainer):
     def _micro_batch_loss(self, model, inputs, num_items_in_batch):
         """The loss of one micro-batch, scaled for accumulation exactly as Trainer scales it."""
         inputs = self._prepare_inputs(inputs)
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), self.extra_pass():
             loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         scaled_for_ga = self.loss_is_scaled_for_ga
         if scaled_for_ga is None:
@@ -495,7 +527,7 @@ class LETSTrainer(Trainer):
         num_items_in_batch = self._get_num_items_in_batch([batch], self.args.device)  # counted as a train batch
         inputs = self._prepare_inputs(batch)
         unwrapped = self.accelerator.unwrap_model(model)
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), self.extra_pass():
             loss = self.compute_loss(unwrapped, inputs, num_items_in_batch=num_items_in_batch)
         scale = 1.0 / self._scale_inverse()
         val_grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
@@ -624,7 +656,7 @@ class LETSTrainer(Trainer):
 class _AfterOptimizerStep(TrainerCallback):
     """Turns H·d into u = ∂θ_{t+1}/∂ρ once the optimizer has stepped (its state is then v̂_t)."""
 
-    def __init__(self, trainer: LETSTrainer):
+    def __init__(self, trainer: LETSMixin):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -642,7 +674,7 @@ class _AfterOptimizerStep(TrainerCallback):
 
 
 class _NonFiniteStepGuard(TrainerCallback):
-    def __init__(self, trainer: LETSTrainer):
+    def __init__(self, trainer: LETSMixin):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
