@@ -7,6 +7,7 @@ import torch
 import transformers as tf
 
 from lets_hf import LETSConfig, LETSTrainer
+from tests.checks import assert_resume_is_exact
 from tests.heads import build_dataset
 
 peft = pytest.importorskip("peft", reason="the PEFT tests need peft: pip install 'lets-hf[peft]' (the dev extra has it)")
@@ -92,10 +93,6 @@ def test_resume_restores_adapters_rho_and_its_optimizer(tmp_path, one_thread):
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
-    straight = run(tmp_path / "straight")
+    assert_resume_is_exact(run, tmp_path, initial_rho=RHO)
     checkpoint = tmp_path / "straight" / "checkpoint-2"
     assert (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "lets_state.pt").is_file()
-    resumed = run(tmp_path / "resumed", resume=str(checkpoint))
-    assert straight.rho != RHO and resumed.rho == pytest.approx(straight.rho, rel=1e-12)
-    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=name)

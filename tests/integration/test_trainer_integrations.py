@@ -9,6 +9,7 @@ from transformers import Seq2SeqTrainingArguments, Trainer
 
 from lets_hf import LETSArguments, LETSConfig, LETSMixin, LETSSeq2SeqConfig, LETSSeq2SeqTrainer, LETSTrainer, available_rules
 from lets_hf.errors import UsageError
+from tests.checks import assert_resume_is_exact
 from tests.heads import GLOBAL_BATCH, build_model, train_rows, validation_rows
 from tests.toy import TinyClassifier, ToyDataset
 
@@ -74,11 +75,7 @@ def test_seq2seq_resume_is_exact(tmp_path):
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
-    straight = run(tmp_path / "straight")
-    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
-    assert resumed.rho == pytest.approx(straight.rho, rel=1e-12)
-    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert_resume_is_exact(run, tmp_path, initial_rho=0.05)
 
 
 def test_seq2seq_config_in_either_base_order_keeps_defaults_and_is_checked(tmp_path):

@@ -10,6 +10,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from lets_hf.errors import UsageError  # noqa: E402
 from lets_hf.trl import LETSSFTConfig, LETSSFTTrainer  # noqa: E402
+from tests.checks import assert_resume_is_exact  # noqa: E402
 from tests.lm import sentences, tiny_llama, word_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -126,11 +127,7 @@ def test_resume_is_exact(tmp_path, tokenizer):
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
-    straight = run(tmp_path / "straight")
-    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"))
-    assert resumed.rho == pytest.approx(straight.rho, rel=1e-12) and straight.rho != 0.05
-    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    assert_resume_is_exact(run, tmp_path, initial_rho=0.05, rtol=1e-6, atol=1e-8)
 
 
 def test_trl_defaults_survive_in_either_base_order_and_lets_fields_are_checked(tmp_path):
