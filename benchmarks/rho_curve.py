@@ -13,12 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-CURVES = (("rho", "ρ"), ("gen_gap", "L_val − L_train"), ("rho_grad", "dF/dρ (mean over the logging window)"))
+from lets_hf.rho_curve import plot_rho_curve, rho_history
 
 
 def main(argv=None):
@@ -26,23 +21,12 @@ def main(argv=None):
     parser.add_argument("trainer_state", help="trainer_state.json of a LETSTrainer run")
     parser.add_argument("--out", required=True, help="output stem: writes <out>.png and <out>.json")
     cli = parser.parse_args(argv)
-    history = [entry for entry in json.loads(Path(cli.trainer_state).read_text())["log_history"] if "rho" in entry]
+    log_history = json.loads(Path(cli.trainer_state).read_text())["log_history"]
+    history = rho_history(log_history)
     if not history:
         raise SystemExit(f"{cli.trainer_state} has no `rho` in its log: was it a LETSTrainer run with logging on?")
-
-    figure, axes = plt.subplots(len(CURVES), 1, figsize=(7, 7), sharex=True)
-    for axis, (key, label) in zip(axes, CURVES):
-        points = [(entry["step"], entry[key]) for entry in history if key in entry]
-        axis.plot(*zip(*points), marker=".", linewidth=1)
-        axis.set_ylabel(label)
-        axis.grid(alpha=0.3)
-        if key == "rho_grad":
-            axis.set_yscale("symlog", linthresh=max(1e-14, min(abs(v) for _, v in points if v) if points else 1e-12))
-    axes[-1].set_xlabel("optimizer step")
-    figure.tight_layout()
     stem = Path(cli.out)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(stem.with_suffix(".png"), dpi=120)
+    plot_rho_curve(log_history, stem.with_suffix(".png"))
 
     rhos = [entry["rho"] for entry in history]
     grads = [abs(entry["rho_grad"]) for entry in history if entry.get("rho_grad")]

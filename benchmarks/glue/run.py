@@ -1,4 +1,4 @@
-"""GLUE benchmark: adamw / SAM / ASAM / LETS-SAM / LETS-ASAM on RTE, MRPC, STS-B and CoLA.
+"""GLUE benchmark: AdamW, SAM (a ρ grid), ASAM, LETS-SAM and LETS-ASAM on SST-2, MRPC, STS-B, RTE and CoLA.
 
 Every (task, method, seed) runs in this process through `LETSTrainer` and is saved as
 `<out_dir>/runs/<task>/<method>/seed<k>.json` (settings, dev metrics, wall time, training
@@ -6,8 +6,10 @@ log with ρ and the generalization gap). A finished run whose saved settings mat
 skipped, so an interrupted benchmark resumes where it stopped; `report.py` rebuilds the
 table and plots from those files alone.
 
-Profiles fix one hyperparameter set per task, shared by all methods (see PROFILES):
+Profiles fix one hyperparameter set per task, shared by all methods (see PROFILES). A method is a
+`--method` preset, optionally with a fixed radius: `sam@0.02` is SAM with ρ = 0.02.
 
+    python benchmarks/glue/run.py --profile study --out_dir benchmarks/results/glue-study   # "no ρ tuning" (#15)
     python benchmarks/glue/run.py                      # default: MiniLM, 800-2000 examples, ~2 h on 2 CPU cores
     python benchmarks/glue/run.py --profile cpu-full   # MiniLM, whole train sets, 1 epoch (~9 h on 2 CPU cores)
     python benchmarks/glue/run.py --profile paper --data_dir hub   # bert-base-uncased, full train sets (GPU)
@@ -33,24 +35,30 @@ from lets_hf.tasks.glue import get_task, load_glue, load_model, make_compute_met
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from report import write_report  # noqa: E402  (sibling script, not a package)
+from study_report import write_study_report  # noqa: E402
 from saved_runs import load_finished, run_path  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results" / "glue"
-TASKS = ("rte", "mrpc", "stsb", "cola")
+TASKS = ("sst2", "mrpc", "stsb", "rte", "cola")
 DEFAULT_METHODS = ("adamw", "sam", "asam", "lets-sam", "lets-asam")
-"""The issue's comparison; any other preset of `lets_hf.methods.METHODS` can be added with --methods."""
+"""The first comparison; any preset of `lets_hf.methods.METHODS` (with `@rho`) can be given with --methods."""
+SAM_GRID = (0.01, 0.02, 0.05, 0.1)
+STUDY_METHODS = ("adamw", *(f"sam@{rho:g}" for rho in SAM_GRID), "asam@0.5", "lets-sam", "lets-asam")
+"""Does a learned ρ save SAM's ρ grid? SAM at each ρ of the grid, ASAM at its usual 0.5, LETS from the defaults."""
 SUBSET_SEED = 0
 """Seed of the (fixed) training subset: every method and seed trains on the same examples."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSetting:
-    """Per-task knobs: train examples (None = all) and epochs."""
+    """Per-task knobs: train examples (None = all) and epochs; lr and length when they differ from the profile's."""
 
     train_samples: int | None
     epochs: float
+    learning_rate: float | None = None
+    max_seq_length: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +112,32 @@ PROFILES = {
 }
 # The default profile on the whole train sets.
 PROFILES["cpu-full"] = dataclasses.replace(
-    PROFILES["default"], tasks={task: TaskSetting(None, 1) for task in TASKS}, logging_steps=10
+    PROFILES["default"], tasks={task: TaskSetting(None, 1) for task in TASKS if task != "sst2"}, logging_steps=10
+)
+# Issue #15's study: budgets set by the AdamW lr sweep (benchmarks/glue/lr_sweep.py) so that AdamW clearly learns;
+# LETS updates ρ every 5th step (about 1.2x SAM's cost per run).
+PROFILES["study"] = Profile(
+    model="minilm",
+    tasks={
+        "sst2": TaskSetting(4000, 2, learning_rate=2e-4, max_seq_length=64),
+        "mrpc": TaskSetting(None, 2, learning_rate=1e-4),
+        "stsb": TaskSetting(3000, 2, learning_rate=1e-4),
+        "rte": TaskSetting(None, 3, learning_rate=1e-4),
+        "cola": TaskSetting(4000, 3, learning_rate=1e-4, max_seq_length=64),
+    },
+    learning_rate=1e-4,
+    batch_size=32,
+    max_seq_length=128,
+    logging_steps=5,
+    rho_lr=None,
+    rho_update_interval=5,
+)
+PROFILES["smoke"] = dataclasses.replace(  # the test suite's: a few steps of every method
+    PROFILES["study"],
+    tasks={"sst2": TaskSetting(96, 1, learning_rate=2e-4, max_seq_length=32)},
+    batch_size=8,
+    logging_steps=1,
+    eval_batch_size=64,
 )
 LOG_KEYS = ("step", "epoch", "loss", "rho", "gen_gap", "rho_grad", "first_grad_norm", "learning_rate")
 
@@ -112,8 +145,10 @@ LOG_KEYS = ("step", "epoch", "loss", "rho", "gen_gap", "rho_grad", "first_grad_n
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=list(PROFILES), default="default")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), help="default: the profile's tasks")
+    parser.add_argument(
+        "--methods", nargs="+", help=f"presets of {list(METHODS)}, optionally with @rho; default: the profile's"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument(
         "--data_dir", default=str(DEFAULT_DATA_DIR), help="GLUE folder in the original tsv layout, or 'hub'."
@@ -143,8 +178,28 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
             setting = dataclasses.replace(setting, train_samples=args.max_train_samples or None)
         if args.num_train_epochs is not None:
             setting = dataclasses.replace(setting, epochs=args.num_train_epochs)
+        if args.learning_rate is not None:  # the override wins over the task's own value too
+            setting = dataclasses.replace(setting, learning_rate=None)
+        if args.max_seq_length is not None:
+            setting = dataclasses.replace(setting, max_seq_length=None)
         tasks[task] = setting
     return dataclasses.replace(profile, tasks=tasks, **changes)
+
+
+def parse_method(spec: str) -> tuple[str, float | None]:
+    """`sam@0.02` -> ("sam", 0.02); a plain preset keeps the rule's default ρ."""
+    preset, _, rho = spec.partition("@")
+    if preset not in METHODS:
+        raise SystemExit(f"Unknown method {spec!r}: a preset of {list(METHODS)}, optionally with @rho.")
+    return preset, float(rho) if rho else None
+
+
+def task_learning_rate(profile: Profile, task: str) -> float:
+    return profile.tasks[task].learning_rate or profile.learning_rate
+
+
+def task_max_seq_length(profile: Profile, task: str) -> int:
+    return profile.tasks[task].max_seq_length or profile.max_seq_length
 
 
 def run_settings(profile: Profile, task: str) -> dict:
@@ -165,7 +220,7 @@ def prepare_task(task_name: str, profile: Profile, data_dir: str | None):
         splits["train"] = splits["train"].shuffle(seed=SUBSET_SEED).select(range(train_samples))
     model_path = resolve_model_path(profile.model)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return task, model_path, tokenizer, tokenize_glue(splits, tokenizer, task, profile.max_seq_length)
+    return task, model_path, tokenizer, tokenize_glue(splits, tokenizer, task, task_max_seq_length(profile, task.name))
 
 
 def train_one(task, model_path, tokenizer, encoded, profile: Profile, method: str, seed: int) -> dict:
@@ -175,7 +230,7 @@ def train_one(task, model_path, tokenizer, encoded, profile: Profile, method: st
         config = LETSConfig(
             output_dir=output_dir,
             seed=seed,
-            learning_rate=profile.learning_rate,
+            learning_rate=task_learning_rate(profile, task.name),
             num_train_epochs=profile.tasks[task.name].epochs,
             per_device_train_batch_size=profile.batch_size,
             per_device_eval_batch_size=profile.eval_batch_size,
@@ -189,7 +244,8 @@ def train_one(task, model_path, tokenizer, encoded, profile: Profile, method: st
             rho_lr=profile.rho_lr,
             rho_update_interval=profile.rho_update_interval,
         )
-        config = apply_method(config, method)
+        preset, rho = parse_method(method)
+        config = dataclasses.replace(apply_method(config, preset), rho=rho)
         set_seed(seed)
         trainer = LETSTrainer(
             model=load_model(model_path, task),
@@ -224,12 +280,16 @@ def main(argv=None) -> None:
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()
     print(f"profile {args.profile}: {profile}", flush=True)
+    tasks = args.tasks or list(profile.tasks)
+    methods = args.methods or list(STUDY_METHODS if args.profile in ("study", "smoke") else DEFAULT_METHODS)
+    for method in methods:
+        parse_method(method)  # refuse a typo before hours of runs
     prepared = {}
     # Seed-major order: an interrupted benchmark still has every task and method for its first seeds.
     for seed in args.seeds:
-        for task_name in args.tasks:
+        for task_name in tasks:
             settings = run_settings(profile, task_name)
-            for method in args.methods:
+            for method in methods:
                 path = run_path(out_dir, task_name, method, seed)
                 if load_finished(path, settings) is not None:
                     continue
@@ -246,6 +306,8 @@ def main(argv=None) -> None:
                     flush=True,
                 )
     write_report(out_dir)
+    if any("@" in method for method in methods):
+        print(write_study_report(out_dir))
 
 
 if __name__ == "__main__":

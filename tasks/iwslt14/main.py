@@ -30,6 +30,7 @@ from lets_hf import LETSConfig
 from lets_hf.cli import flags_given, parse_command_line
 from lets_hf.errors import UsageError, user_inputs
 from lets_hf.methods import METHODS
+from lets_hf.rho_curve import report_outputs
 
 from .bleu import bleu_metrics
 from .bpe import IwsltBpeTokenizer, train_tokenizer
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     evaluate_split(trainer, tokenizer, collator, batches["valid"], splits["valid"][1], "eval")
     if "test" in batches:
         evaluate_split(trainer, tokenizer, collator, batches["test"], splits["test"][1], "test")
+    if trainer.is_world_process_zero():
+        print(report_outputs(trainer, [f"{split}_results.json" for split in ("eval", "test") if split in batches]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,171 @@
+"""Issue #15's table and figures: does a learned ρ reach the best SAM of a ρ grid without the grid?
+
+    python benchmarks/glue/study_report.py [--out_dir benchmarks/results/glue-study]
+
+Reads the runs of `run.py --profile study` and writes study.md (table, oracle picks, floors, CPU
+time), rho_vs_oracle.png (LETS's ρ over steps against the oracle's ρ, a panel per task) and
+score_vs_rho.png (SAM's dev score against ρ, LETS-SAM's final ρ and score marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from report import TASK_TITLES  # noqa: E402
+from saved_runs import load_runs  # noqa: E402
+
+TASKS = ("sst2", "mrpc", "stsb", "rte", "cola")
+#: The score a task is judged by (dev ×100), and the floor AdamW must clear: majority/constant + 10 (RTE + 4;
+#: CoLA MCC 20). Majority class on these dev sets: SST-2 50.9% positive, MRPC 68.4%, RTE 52.7%.
+PRIMARY = {"sst2": "accuracy", "mrpc": "accuracy", "stsb": "pearson", "rte": "accuracy", "cola": "matthews_correlation"}
+FLOOR = {"sst2": 60.9, "mrpc": 78.4, "stsb": 10.0, "rte": 56.7, "cola": 20.0}
+MAX_SEED_STD = 3.0
+ORACLE = "oracle SAM"
+
+
+def rho_of(method: str) -> float | None:
+    return float(method.partition("@")[2]) if "@" in method else None
+
+
+def scores(runs: list[dict]) -> dict:
+    """task -> method -> list of primary dev scores (×100) and wall times, over seeds."""
+    table = defaultdict(lambda: defaultdict(lambda: {"score": [], "wall": [], "final_rho": [], "runs": []}))
+    for run in runs:
+        cell = table[run["task"]][run["method"]]
+        cell["score"].append(100 * run["metrics"][f"eval_{PRIMARY[run['task']]}"])
+        cell["wall"].append(run["wall_time_s"])
+        cell["final_rho"].append(run["final_rho"])
+        cell["runs"].append(run)
+    return table
+
+
+def oracle_picks(table: dict) -> dict[str, str]:
+    """Per task, the SAM grid point with the best mean dev score (what a grid search on dev would pick)."""
+    picks = {}
+    for task, methods in table.items():
+        grid = [m for m in methods if m.startswith("sam@")]
+        if grid:
+            picks[task] = max(grid, key=lambda m: np.mean(methods[m]["score"]))
+    return picks
+
+
+def _cell(values: list[float], seeds: int) -> str:
+    if not values:
+        return "–"
+    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.1f} ± {std:.1f}" + (f" (n={len(values)})" if len(values) < seeds else "")
+
+
+def markdown(table: dict, seeds: int) -> str:
+    tasks = [t for t in TASKS if t in table]
+    picks = oracle_picks(table)
+    methods = sorted({m for t in tasks for m in table[t]}, key=lambda m: (m.split("@")[0] != "adamw", m.startswith("lets"), m))
+    rows = [m for m in methods if m.startswith(("adamw", "sam"))] + [ORACLE] + [m for m in methods if m.startswith(("asam", "lets"))]
+    header = ["method", *(f"{TASK_TITLES.get(t, t)} {PRIMARY[t].replace('matthews_correlation', 'MCC')}" for t in tasks)]
+    lines = [
+        f"Dev score ×100, mean ± std over {seeds} seeds ((n=k): only k seeds so far). Average: mean of the task "
+        "means (GLUE-style, one score per task). CPU: wall minutes of all this row's runs.",
+        "",
+        "| " + " | ".join(header + ["average", "CPU (min)"]) + " |",
+        "|" + "---|" * (len(header) + 2),
+    ]
+    for row in rows:
+        cells, means, wall = [row], [], 0.0
+        for task in tasks:
+            method = picks.get(task) if row == ORACLE else row
+            cell = table[task].get(method) if method else None
+            cells.append(_cell(cell["score"], seeds) if cell else "–")
+            if cell:
+                means.append(np.mean(cell["score"]))
+                wall += sum(sum(table[task][m]["wall"]) for m in table[task] if m.startswith("sam@")) if row == ORACLE else sum(cell["wall"])
+        average = f"{np.mean(means):.1f}" if len(means) == len(tasks) else "–"
+        lines.append("| " + " | ".join(cells + [average, f"{wall / 60:.0f}"]) + " |")
+    lines += ["", f"{ORACLE}: the grid's best ρ per task on dev, its CPU the whole grid's: "
+              + ", ".join(f"{TASK_TITLES.get(t, t)} ρ = {rho_of(picks[t]):g}" for t in tasks if t in picks) + "."]
+    lines += ["", f"Floor (AdamW must clear it, seed std ≤ {MAX_SEED_STD:g}):", "",
+              "| task | floor | AdamW | std | met |", "|---|---|---|---|---|"]
+    for task in tasks:
+        adamw = table[task].get("adamw", {"score": []})["score"]
+        if adamw:
+            std = np.std(adamw, ddof=1) if len(adamw) > 1 else float("nan")
+            met = np.mean(adamw) >= FLOOR[task] and (len(adamw) < 2 or std <= MAX_SEED_STD)
+            lines.append(f"| {TASK_TITLES.get(task, task)} | {FLOOR[task]:g} | {np.mean(adamw):.1f} | {std:.1f} | "
+                         f"{'yes' if met else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rho_vs_oracle(table: dict, path: Path) -> None:
+    tasks = [t for t in TASKS if t in table and "lets-sam" in table[t]]
+    if not tasks:
+        return
+    picks = oracle_picks(table)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 2.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for run in table[task]["lets-sam"]["runs"]:
+            points = [(e["step"], e["rho"]) for e in run["log_history"] if "rho" in e]
+            ax.plot(*zip(*points), lw=0.9, alpha=0.7, label=f"LETS-SAM seed {run['seed']}")
+        if task in picks:
+            ax.axhline(rho_of(picks[task]), color="black", ls="--", lw=1, label="oracle SAM ρ")
+        ax.set_title(TASK_TITLES.get(task, task))
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ρ")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_score_vs_rho(table: dict, path: Path) -> None:
+    tasks = [t for t in TASKS if t in table and any(m.startswith("sam@") for m in table[t])]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 2.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        grid = sorted((rho_of(m), cell["score"]) for m, cell in table[task].items() if m.startswith("sam@"))
+        ax.errorbar([r for r, _ in grid], [np.mean(s) for _, s in grid],
+                    yerr=[np.std(s, ddof=1) if len(s) > 1 else 0 for _, s in grid], marker="o", capsize=3, label="SAM")
+        lets = table[task].get("lets-sam")
+        if lets:
+            ax.errorbar([np.mean(lets["final_rho"])], [np.mean(lets["score"])], xerr=[np.std(lets["final_rho"])],
+                        marker="*", markersize=11, color="C3", ls="none", label="LETS-SAM (final ρ)")
+        if "adamw" in table[task]:
+            ax.axhline(np.mean(table[task]["adamw"]["score"]), color="grey", ls=":", label="AdamW")
+        ax.set_xscale("log")
+        ax.set_title(TASK_TITLES.get(task, task))
+        ax.set_xlabel("ρ")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("dev score ×100")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_study_report(out_dir: Path, seeds: int = 3, partial_note: str = "") -> str:
+    out_dir = Path(out_dir)
+    table = scores(load_runs(out_dir))
+    text = markdown(table, seeds)
+    (out_dir / "study.md").write_text("# GLUE study: a learned ρ against SAM's ρ grid\n\n" + partial_note + text)
+    plot_rho_vs_oracle(table, out_dir / "rho_vs_oracle.png")
+    plot_score_vs_rho(table, out_dir / "score_vs_rho.png")
+    return text
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parents[1] / "results" / "glue-study"))
+    parser.add_argument("--partial", action="store_true", help="label the table as partial (runs still to come)")
+    cli = parser.parse_args()
+    note = "**PARTIAL: the study is still running; cells with (n=k) have k of 3 seeds, '–' none yet.**\n\n" if cli.partial else ""
+    print(write_study_report(Path(cli.out_dir), partial_note=note))
