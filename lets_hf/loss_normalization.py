@@ -97,7 +97,9 @@ VERDICTS = (
     LossNormalization(TOKEN_MEAN, shift_labels=True),
     LossNormalization(MICRO_BATCH_MEAN, reason=_NOT_REPRODUCED),
 )
-_COUNTS_ALL, _COUNTS_SHIFTED, _COUNT_UNKNOWN, _ODD, _MICRO_BATCH_MEAN, _TOKENS, _SHIFTED_TOKENS, _UNREPRODUCED = VERDICTS
+(_COUNTS_ALL, _COUNTS_SHIFTED, _COUNT_UNKNOWN, _ODD, _MICRO_BATCH_MEAN, _TOKENS, _SHIFTED_TOKENS, _UNREPRODUCED) = (
+    VERDICTS
+)
 
 
 def probe(model: torch.nn.Module, inputs: dict) -> LossNormalization | None:

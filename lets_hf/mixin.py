@@ -29,13 +29,18 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints, unwrap_peft_model
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    get_last_checkpoint,
+    rotate_checkpoints,
+    unwrap_peft_model,
+)
 from transformers.utils import logging
 
 from . import checkpoints, loss_normalization
 from .config import LETSArguments, check_rho_within_bounds
-from .errors import UsageError
 from .distributed import GradientAverager, average_scalars, same_on_all_ranks
+from .errors import UsageError
 from .loss_normalization import LossNormalization, logits_of
 from .nonfinite import NonFiniteGuard
 from .optim import lightsam_optimizer_cls_and_kwargs
@@ -83,8 +88,8 @@ class LETSMixin:
             return
         if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
             raise UsageError(
-                f"{type(self).__name__} does not support {self.accelerator.distributed_type.value} yet: the perturbation needs "
-                "the full gradient on every rank. Launch with DDP instead (accelerate launch --multi_gpu)."
+                f"{type(self).__name__} does not support {self.accelerator.distributed_type.value} yet: the "
+                "perturbation needs the full gradient on every rank. Launch with DDP (accelerate launch --multi_gpu)."
             )
         initial_rho = args.rho if args.rho is not None else self.rule.default_rho
         if args.learn_rho:
@@ -581,7 +586,8 @@ class LETSMixin:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: Trainer's own error
         if isinstance(resume_from_checkpoint, str):
             lets_state = [os.path.basename(self._lets_state_path(resume_from_checkpoint))] if self.rule else []
-            checkpoints.check_resumable(resume_from_checkpoint, lets_state, with_optimizer=not self.args.save_only_model)
+            with_optimizer = not self.args.save_only_model
+            checkpoints.check_resumable(resume_from_checkpoint, lets_state, with_optimizer=with_optimizer)
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _get_output_dir(self, trial) -> str:

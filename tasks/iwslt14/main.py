@@ -113,7 +113,9 @@ def load_text_and_tokenizer(task_args: IwsltArguments, config: LETSConfig):
             splits = read_splits(resolve_tokenized_dir(Path(task_args.data_dir), cache_dir, prepare=first))
         for name, (source, target) in splits.items():
             if not source:
-                raise UsageError(f"The {name} split in {task_args.data_dir} is empty ({name}.de / {name}.en have no lines).")
+                raise UsageError(
+                    f"The {name} split in {task_args.data_dir} is empty ({name}.de / {name}.en have no lines)."
+                )
             limit = task_args.max_train_samples if name == "train" else task_args.max_eval_samples
             splits[name] = (source[:limit], target[:limit])
         if first:

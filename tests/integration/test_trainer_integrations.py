@@ -10,7 +10,7 @@ from transformers import Seq2SeqTrainingArguments, Trainer
 from lets_hf import LETSArguments, LETSConfig, LETSMixin, LETSSeq2SeqConfig, LETSSeq2SeqTrainer, LETSTrainer, available_rules
 from lets_hf.errors import UsageError
 from tests.checks import assert_resume_is_exact
-from tests.heads import GLOBAL_BATCH, build_model, train_rows, validation_rows
+from tests.heads import build_model, train_rows, validation_rows
 from tests.toy import TinyClassifier, ToyDataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
