@@ -36,7 +36,10 @@ class LETSSFTTrainer(LETSMixin, SFTTrainer):
     """TRL's `SFTTrainer` with SAM-family perturbations and, with `learn_rho`, a learned ρ."""
 
     def __init__(self, model, args: LETSSFTConfig | None = None, *more, **kwargs):
-        if args is not None and getattr(args, "sam_variant", None) == "bisam":
+        if args is None:  # as SFTTrainer names its default output folder
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = LETSSFTConfig(f"{name.split('/')[-1]}-SFT")
+        if getattr(args, "sam_variant", None) == "bisam":
             raise UsageError(
                 "sam_variant='bisam' needs the model's logits, and SFTTrainer's fused LM head returns "
                 "log-probabilities only. Choose another rule (sam, asam, ...)."

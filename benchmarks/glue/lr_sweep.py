@@ -2,9 +2,15 @@
 
     python benchmarks/glue/lr_sweep.py [--seeds 0] [--tasks sst2 mrpc ...]
 
-AdamW only, on the study profile's examples, epochs and lengths, at each learning rate of LRS;
-one run folder per lr under benchmarks/results/glue-study/lr-sweep/ (resumable, as run.py),
-and lr_sweep.md with the primary dev score against each task's floor.
+AdamW only, on the `study-sweep` profile's examples, epochs and lengths, at each learning rate
+of LRS; one run folder per lr under benchmarks/results/glue-study/lr-sweep/ (resumable, as
+run.py), and lr_sweep.md with the primary dev score against each task's floor. The follow-ups
+in that table (tasks below their floor, tried with more data or epochs) were run with run.py:
+
+    python benchmarks/glue/run.py --profile study --methods adamw --tasks cola --learning_rate 1e-4 \
+        --max_train_samples 0 --seeds 0 --out_dir benchmarks/results/glue-study/lr-sweep/cola-all-lr1e-4
+    python benchmarks/glue/run.py --profile study --methods adamw --tasks rte --learning_rate 3e-5 \
+        --num_train_epochs 5 --seeds 0 --out_dir benchmarks/results/glue-study/lr-sweep/rte-lr3e-5-5ep
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from report import TASK_TITLES  # noqa: E402
 from saved_runs import load_runs  # noqa: E402
 from study_report import FLOOR, PRIMARY, TASKS  # noqa: E402
 
-LRS = (5e-5, 1e-4, 2e-4, 4e-4)
+LRS = (5e-5, 1e-4, 2e-4)
 OUT = Path(__file__).resolve().parents[1] / "results" / "glue-study" / "lr-sweep"
 
 
@@ -31,9 +37,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", default=["0"])
     parser.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
     parser.add_argument("--data_dir", default=str(run.DEFAULT_DATA_DIR))
+    parser.add_argument("--report_only", action="store_true", help="rebuild lr_sweep.md from the saved runs")
     cli = parser.parse_args(argv)
-    for lr in cli.lrs:
-        run.main(["--profile", "study", "--methods", "adamw", "--learning_rate", str(lr), "--seeds", *cli.seeds,
+    for lr in [] if cli.report_only else cli.lrs:
+        run.main(["--profile", "study-sweep", "--methods", "adamw", "--learning_rate", str(lr), "--seeds", *cli.seeds,
                   "--tasks", *cli.tasks, "--data_dir", cli.data_dir, "--out_dir", str(OUT / f"lr{lr:g}")])
     lines = ["| task | floor | " + " | ".join(f"lr {lr:g}" for lr in cli.lrs) + " |", "|" + "---|" * (len(cli.lrs) + 2)]
     for task in cli.tasks:
@@ -42,13 +49,31 @@ def main(argv=None) -> None:
             folder = OUT / f"lr{lr:g}"
             found = [r for r in load_runs(folder) if r["task"] == task] if (folder / "runs").is_dir() else []
             values = [100 * r["metrics"][f"eval_{PRIMARY[task]}"] for r in found]
-            cells.append(f"{np.mean(values):.1f} (n={len(values)})" if values else "–")
+            cells.append(f"{np.mean(values):.1f}" + ("" if len(values) == 1 else f" (n={len(values)})") if values else "–")
         lines.append(f"| {TASK_TITLES.get(task, task)} | {FLOOR[task]:g} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n"
+    table = "\n".join(lines) + "\n" + follow_ups()
     (OUT / "lr_sweep.md").write_text(
-        "# AdamW lr sweep (study profile's examples, epochs and lengths; dev score ×100)\n\n" + table
+        "# AdamW lr sweep (study profile's examples, epochs and lengths; dev score ×100, seed 0)\n\n" + table
     )
     print(table)
+
+
+def follow_ups() -> str:
+    """Runs saved under lr-sweep/ outside the lr grid (other examples or epochs for a task below its floor)."""
+    lines = []
+    folders = [p for p in OUT.iterdir() if p.is_dir() and not p.name.startswith("lr") and any(p.glob("runs/*/*/*.json"))]
+    for folder in sorted(folders):
+        for r in load_runs(folder):
+            task, settings = r["task"], r["settings"]
+            score = 100 * r["metrics"][f"eval_{PRIMARY[task]}"]
+            lines.append(
+                f"| {TASK_TITLES.get(task, task)} | {FLOOR[task]:g} | {settings['learning_rate']:g} | "
+                f"{settings['train_samples'] or 'all'} | {settings['epochs']:g} | {score:.1f} |"
+            )
+    if not lines:
+        return ""
+    header = ["", "Follow-ups:", "", "| task | floor | lr | train examples | epochs | score |", "|---|---|---|---|---|---|"]
+    return "\n".join(header + lines) + "\n"
 
 
 if __name__ == "__main__":
