@@ -105,34 +105,40 @@ def markdown(table: dict, seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_rho_vs_oracle(table: dict, path: Path) -> None:
-    tasks = [t for t in TASKS if t in table and "lets-sam" in table[t]]
-    if not tasks:
-        return
-    picks = oracle_picks(table)
+def _task_panels(tasks: list[str], draw, xlabel: str, ylabel: str, path: Path) -> None:
+    """One panel per task, `draw(ax, task)` fills it; shared titles, grid, labels and legend."""
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 2.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for run in table[task]["lets-sam"]["runs"]:
-            points = [(e["step"], e["rho"]) for e in run["log_history"] if "rho" in e]
-            ax.plot(*zip(*points), lw=0.9, alpha=0.7, label=f"LETS-SAM seed {run['seed']}")
-        if task in picks:
-            ax.axhline(rho_of(picks[task]), color="black", ls="--", lw=1, label="oracle SAM ρ")
+        draw(ax, task)
         ax.set_title(TASK_TITLES.get(task, task))
-        ax.set_xlabel("optimizer step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("ρ")
+    axes[0][0].set_ylabel(ylabel)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def plot_rho_vs_oracle(table: dict, path: Path) -> None:
+    tasks = [t for t in TASKS if t in table and "lets-sam" in table[t]]
+    picks = oracle_picks(table)
+
+    def draw(ax, task):
+        for run in table[task]["lets-sam"]["runs"]:
+            points = [(e["step"], e["rho"]) for e in run["log_history"] if "rho" in e]
+            ax.plot(*zip(*points), lw=0.9, alpha=0.7, label=f"LETS-SAM seed {run['seed']}")
+        if task in picks:
+            ax.axhline(rho_of(picks[task]), color="black", ls="--", lw=1, label="oracle SAM ρ")
+
+    if tasks:
+        _task_panels(tasks, draw, "optimizer step", "ρ", path)
+
+
 def plot_score_vs_rho(table: dict, path: Path) -> None:
     tasks = [t for t in TASKS if t in table and any(m.startswith("sam@") for m in table[t])]
-    if not tasks:
-        return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 2.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+
+    def draw(ax, task):
         grid = sorted((rho_of(m), cell["score"]) for m, cell in table[task].items() if m.startswith("sam@"))
         ax.errorbar([r for r, _ in grid], [np.mean(s) for _, s in grid],
                     yerr=[np.std(s, ddof=1) if len(s) > 1 else 0 for _, s in grid], marker="o", capsize=3, label="SAM")
@@ -143,14 +149,9 @@ def plot_score_vs_rho(table: dict, path: Path) -> None:
         if "adamw" in table[task]:
             ax.axhline(np.mean(table[task]["adamw"]["score"]), color="grey", ls=":", label="AdamW")
         ax.set_xscale("log")
-        ax.set_title(TASK_TITLES.get(task, task))
-        ax.set_xlabel("ρ")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("dev score ×100")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    if tasks:
+        _task_panels(tasks, draw, "ρ", "dev score ×100", path)
 
 
 def write_study_report(out_dir: Path, seeds: int = 3, partial_note: str = "") -> str:
