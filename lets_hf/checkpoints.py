@@ -16,6 +16,7 @@ import re
 import shutil
 
 import torch
+from accelerate.utils.constants import FSDP_MODEL_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
@@ -32,8 +33,10 @@ STAGING_DIR = ".staging"
 TRAINER_STATE_NAME = "trainer_state.json"
 _WEIGHTS = (
     SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, ADAPTER_SAFE_WEIGHTS_NAME,
-    ADAPTER_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME, f"{FSDP_MODEL_NAME}.bin", f"{FSDP_MODEL_NAME}_0",  # FSDP: full; sharded (a folder)
 )
+#: Trainer's optimizer state: plain, FSDP full, FSDP sharded (a folder).
+_OPTIMIZER = ("optimizer.pt", "optimizer.bin", "optimizer_0")
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -76,7 +79,7 @@ def missing_or_unreadable(checkpoint: str, lets_state_files: list[str], with_opt
     """
     if not os.path.isdir(checkpoint):
         return f"{checkpoint} is not a folder"
-    if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in _WEIGHTS):
+    if not any(os.path.exists(os.path.join(checkpoint, name)) for name in _WEIGHTS):
         return f"it has no model weights (none of {', '.join(_WEIGHTS)})"
     state = os.path.join(checkpoint, TRAINER_STATE_NAME)
     if not os.path.isfile(state):
@@ -86,9 +89,11 @@ def missing_or_unreadable(checkpoint: str, lets_state_files: list[str], with_opt
             json.load(file)
     except (OSError, ValueError) as error:
         return f"{TRAINER_STATE_NAME} cannot be read ({error})"
-    for name in ["optimizer.pt", "scheduler.pt"] if with_optimizer else []:  # Trainer's names; it would start afresh
-        if not os.path.isfile(os.path.join(checkpoint, name)):
-            return f"{name} is missing"
+    if with_optimizer:  # Trainer would start them afresh
+        if not any(os.path.exists(os.path.join(checkpoint, name)) for name in _OPTIMIZER):
+            return f"the optimizer state is missing (none of {', '.join(_OPTIMIZER)})"
+        if not os.path.isfile(os.path.join(checkpoint, "scheduler.pt")):
+            return "scheduler.pt is missing"
     for name in lets_state_files:
         if not os.path.isfile(os.path.join(checkpoint, name)):
             continue

@@ -175,11 +175,6 @@ class LETSArguments:
                 "LETSTrainer does not support DeepSpeed yet (its engine owns the backward and the gradient buffers "
                 "that the perturbation needs). Remove --deepspeed and launch with DDP: accelerate launch --multi_gpu."
             )
-        if self.sam_variant != "none" and self.fsdp:
-            raise UsageError(
-                "LETSTrainer does not support FSDP yet: the perturbation needs the global gradient norm over sharded "
-                "parameters. Remove --fsdp and launch with DDP (accelerate launch --multi_gpu)."
-            )
         _check_choice("bisam_surrogate", self.bisam_surrogate, BISAM_SURROGATES)
         if self.bisam_mu <= 0 or self.bisam_alpha <= 0:
             raise UsageError(f"bisam_mu and bisam_alpha must be > 0, got {self.bisam_mu} and {self.bisam_alpha}.")
@@ -224,6 +219,15 @@ class LETSArguments:
             raise UsageError(f"rho_val_fraction must be in (0, 1), got {self.rho_val_fraction}.")
         if self.nonfinite_patience < 0:
             raise UsageError(f"nonfinite_patience must be >= 0 (0: never stop), got {self.nonfinite_patience}.")
+        fsdp_version = (getattr(self, "fsdp_plugin_args", None) or {}).get("fsdp_version")
+        if self.sam_variant != "none" and fsdp_version == 1:
+            raise UsageError(
+                "LETSTrainer does not support FSDP1 (its flat parameters hide the per-parameter gradients the "
+                "perturbation needs). Use FSDP2: fsdp_config={'version': 2} (the default), or --fsdp_config with "
+                '{"version": 2}.'
+            )
+        if self.sam_variant != "none" and fsdp_version == 2:
+            check_fsdp2_settings(self)
         if self.fp16 and not _has_accelerator(self.use_cpu):
             raise UsageError(
                 "fp16 needs a GPU (its loss scaling runs on CUDA), and this run is on the CPU, where it would "
@@ -247,6 +251,20 @@ def check_rho_within_bounds(rho: float, rho_min: float, rho_max: float) -> None:
         raise UsageError(
             f"With learn_rho the initial rho ({rho}) must lie in [rho_min, rho_max] = [{rho_min}, {rho_max}]. "
             "Change rho, or widen the bounds."
+        )
+
+
+def check_fsdp2_settings(args) -> None:
+    """What LETS supports under FSDP2: the global scope, and the diagonal or identity Hessian for learned ρ."""
+    if args.sam_scope == "local":
+        raise UsageError(
+            "sam_scope='local' is not supported under FSDP2: each micro-batch would need its own full, unsharded "
+            "gradient on every rank, which is the memory FSDP2 saves. Use sam_scope='global', or DDP for m-sharpness."
+        )
+    if args.learn_rho and args.rho_hessian == "exact":
+        raise UsageError(
+            "rho_hessian='exact' is not supported under FSDP2 (its double backward cannot reach parameters that "
+            "FSDP2 all-gathers outside autograd). Use rho_hessian='diagonal' (the paper's) or 'identity', or DDP."
         )
 
 

@@ -1,14 +1,16 @@
-"""Cross-rank reductions for the global scope. No math about SAM lives here.
+"""Cross-rank reductions for the global scope, and sharded state on disk. No math about SAM lives here.
 
-The first pass runs under `no_sync`; in the global scope its gradient is then averaged
+Under DDP the first pass runs under `no_sync`; in the global scope its gradient is then averaged
 with exactly one coalesced all-reduce (a flat buffer allocated once), and the scalars of
-the ρ update with one more tiny all-reduce on the steps that update ρ.
+the ρ update with one more tiny all-reduce on the steps that update ρ. Under FSDP2 the
+gradient is reduce-scattered by FSDP2 itself, and LETS's state is saved shard by shard.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
 
 def world_size() -> int:
@@ -63,3 +65,33 @@ def same_on_all_ranks(value: int, device) -> tuple[int, int]:
 def _has_avg() -> bool:
     """gloo has no ReduceOp.AVG; NCCL does."""
     return dist.get_backend() == "nccl"
+
+
+#: How a sharded tensor is written to `lets_state_rank<r>.pt`: its local shard and what rebuilds the DTensor.
+_SHARD_KEYS = ("local_shard", "global_shape", "global_stride", "shard_dim")
+
+
+def local_state(tree):
+    """A LETS state tree with each FSDP2 `DTensor` replaced by its local shard (plain tensors and
+    numbers that `torch.load(weights_only=True)` reads back); each rank saves its own."""
+    if isinstance(tree, DTensor):
+        return dict(zip(_SHARD_KEYS, (tree.to_local(), list(tree.shape), list(tree.stride()), tree.placements[0].dim)))
+    if isinstance(tree, dict):
+        return {key: local_state(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(local_state(value) for value in tree)
+    return tree
+
+
+def sharded_state(tree, mesh):
+    """The inverse of `local_state` on this rank's `mesh` (the parameters' device mesh)."""
+    if isinstance(tree, dict) and set(tree) == set(_SHARD_KEYS):
+        return DTensor.from_local(
+            tree["local_shard"].to(mesh.device_type), mesh, [Shard(tree["shard_dim"])], run_check=False,
+            shape=torch.Size(tree["global_shape"]), stride=tuple(tree["global_stride"]),
+        )
+    if isinstance(tree, dict):
+        return {key: sharded_state(value, mesh) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(sharded_state(value, mesh) for value in tree)
+    return tree

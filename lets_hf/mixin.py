@@ -38,15 +38,15 @@ from transformers.trainer_utils import (
 from transformers.utils import logging
 
 from . import checkpoints, loss_normalization
-from .config import LETSArguments, check_rho_within_bounds
-from .distributed import GradientAverager, average_scalars, same_on_all_ranks
+from .config import LETSArguments, check_fsdp2_settings, check_rho_within_bounds
+from .distributed import GradientAverager, average_scalars, local_state, same_on_all_ranks, sharded_state
 from .errors import UsageError
 from .loss_normalization import LossNormalization, logits_of
 from .nonfinite import NonFiniteGuard
 from .optim import lightsam_optimizer_cls_and_kwargs
 from .radius import Radius, check_optimizer_supported
+from .tensor_lists import copy_, global_dot, global_norm
 from .rules import get_rule
-from .rules.base import global_norm
 from .validation import RhoBatches, split_for_rho
 
 logger = logging.get_logger(__name__)
@@ -86,11 +86,7 @@ class LETSMixin:
         self.add_callback(_NonFiniteStepGuard(self))
         if self.rule is None:
             return
-        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise UsageError(
-                f"{type(self).__name__} does not support {self.accelerator.distributed_type.value} yet: the "
-                "perturbation needs the full gradient on every rank. Launch with DDP (accelerate launch --multi_gpu)."
-            )
+        self._sharded = self._check_distributed_type()
         initial_rho = args.rho if args.rho is not None else self.rule.default_rho
         if args.learn_rho:
             check_rho_within_bounds(initial_rho, args.rho_min, args.rho_max)
@@ -107,6 +103,23 @@ class LETSMixin:
         self._metric_counts: dict[str, int] = {}
         self._last_metrics: dict[str, float] = {}
         self.add_callback(_AfterOptimizerStep(self))
+
+    def _check_distributed_type(self) -> bool:
+        """DDP or FSDP2 (returns whether parameters are sharded); FSDP1 and DeepSpeed are refused."""
+        distributed_type = self.accelerator.distributed_type
+        if distributed_type == DistributedType.DEEPSPEED or (
+            distributed_type == DistributedType.FSDP and not self.accelerator.is_fsdp2
+        ):
+            name = "FSDP1" if distributed_type == DistributedType.FSDP else "DeepSpeed"
+            raise UsageError(
+                f"{type(self).__name__} does not support {name}: its engine owns the gradient buffers the perturbation "
+                "needs. Launch with FSDP2 (accelerate launch --config_file examples/accelerate_fsdp2.yaml, or "
+                "fsdp_config={'version': 2}) or with DDP (accelerate launch --multi_gpu)."
+            )
+        if distributed_type != DistributedType.FSDP:
+            return False
+        check_fsdp2_settings(self.args)  # launched from an accelerate config: TrainingArguments never saw it
+        return True
 
     def _rho_validation_data(self, rho_dataset):
         """`rho_dataset` as the trainer prepares datasets, or a held-out split of the prepared train set."""
@@ -245,15 +258,17 @@ class LETSMixin:
         self._step_skipped = not finite
 
     def _global_step(self, model, inputs, num_items_in_batch):
-        with self.accelerator.no_sync(model), self._first_pass():
+        last_micro_batch = self.accelerator.gradient_state.sync_gradients
+        with self._first_pass_sync(model, last_micro_batch), self._first_pass():
             loss = super().training_step(model, inputs, num_items_in_batch)
         self._cached.append((inputs, num_items_in_batch))
         self._first_losses.append(loss)
-        if not self.accelerator.gradient_state.sync_gradients:
+        if not last_micro_batch:
             return loss
 
         names, params, grads = self._trainable_with_grad(model)
-        self._average_grads(grads)
+        if not self._sharded:
+            self._average_grads(grads)
         if self._unscale_(grads) is not None:
             if self.radius.update_due(self.state.global_step):
                 train_loss = torch.stack(self._first_losses).sum()
@@ -268,6 +283,13 @@ class LETSMixin:
                 self._clip_coefficient(model)
         self._cached, self._first_losses = [], []
         return loss
+
+    def _first_pass_sync(self, model, last_micro_batch: bool):
+        """DDP: no sync (g is all-reduced once, flat, afterwards). FSDP2: its reduce-scatter on the last
+        micro-batch averages the accumulated g exactly once and leaves it sharded."""
+        if self._sharded and last_micro_batch:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
 
     def _second_passes(self, model, cached):
         """Descent gradient at the perturbed point; DDP all-reduces on the last micro-batch only."""
@@ -407,7 +429,7 @@ class LETSMixin:
         torch._foreach_mul_(grads, self.radius.value)
         backup = self._backup_for(params)
         with torch.no_grad():
-            torch._foreach_copy_(backup, params)
+            copy_(backup, params)
             torch._foreach_add_(params, grads)
         if self.args.sam_scope == "global":
             for p in params:  # free g (now ε) for the second pass, as Trainer's zero_grad does
@@ -417,7 +439,7 @@ class LETSMixin:
 
     def _restore_(self, params):
         with torch.no_grad():
-            torch._foreach_copy_(params, self._backup_for(params))
+            copy_(params, self._backup_for(params))
 
     def _backup_for(self, params):
         for p in params:  # allocated once per parameter, reused every step
@@ -494,7 +516,10 @@ class LETSMixin:
         return hvp
 
     def _sum_gradients(self, model, params, cached):
-        """Gradient of the training loss over this rank's micro-batches (no DDP hooks)."""
+        """Gradient of the training loss over this rank's micro-batches (no DDP hooks); under FSDP2,
+        over the global batch (see `_synced_gradients`)."""
+        if self._sharded:
+            return self._synced_gradients(model, params, cached, self._micro_batch_loss)
         total = None
         for inputs, num_items in cached:
             loss = self._micro_batch_loss(model, inputs, num_items)
@@ -502,6 +527,22 @@ class LETSMixin:
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
             total = grads if total is None else torch._foreach_add(total, grads)
         return total
+
+    def _synced_gradients(self, model, params, batches, loss_of) -> list[torch.Tensor]:
+        """FSDP2: the gradient of Σ `loss_of(model, inputs, num_items)` over `batches`, averaged over ranks
+        and sharded like `params`. `torch.autograd.grad` cannot reach sharded parameters (FSDP2 all-gathers
+        them outside autograd), so this backward goes through FSDP2's hooks, with the `.grad` in use set aside."""
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        for i, (inputs, num_items) in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss_of(model, inputs, num_items).backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        for p, grad in zip(params, kept):
+            p.grad = grad
+        return grads
 
     def _update_rho(self, model, params, grads, train_loss, batches, micro_batches: int):
         """One upper-level step at θ_{t+1}: dF/dρ = (L_val − L_train)·⟨∇L_val − g, u⟩.
@@ -513,10 +554,10 @@ class LETSMixin:
         u = self._u_for(params, model)
         if self.rule.first_pass_loss is not None:  # the first pass gave ∇Q: take ∇L_train
             grads = self._sum_gradients(self.accelerator.unwrap_model(model), params, batches)
-            if self.args.sam_scope == "global":
+            if self.args.sam_scope == "global" and not self._sharded:
                 self._average_grads(grads)
         val_loss, val_dot = self._validation_pass(model, params, u)
-        train_dot = _dot(grads, u) * micro_batches
+        train_dot = global_dot(grads, u) * micro_batches
         val_loss, inner, train_loss = average_scalars(
             torch.stack([val_loss.double(), (val_dot - train_dot).double(), train_loss.detach().double()])
         )
@@ -526,19 +567,27 @@ class LETSMixin:
         self._record("rho_grad", self.radius.last_grad)
 
     def _validation_pass(self, model, params, u):
-        """L_val and ⟨∇L_val, u⟩ on this rank's shard of one validation batch (no DDP hooks), scaled as
-        Trainer scales a train batch: their mean over ranks is the global per-example or per-token mean."""
+        """L_val and ⟨∇L_val, u⟩ on this rank's shard of one validation batch, scaled as Trainer scales a
+        train batch: their mean over ranks is the global per-example or per-token mean. Under DDP the
+        gradient is this rank's (no DDP hooks); under FSDP2 it is already the mean over ranks."""
         batch = next(self._rho_batches)
         num_items_in_batch = self._get_num_items_in_batch([batch], self.args.device)  # counted as a train batch
-        inputs = self._prepare_inputs(batch)
         unwrapped = self.accelerator.unwrap_model(model)
-        with self.compute_loss_context_manager(), self.extra_pass():
-            loss = self.compute_loss(unwrapped, inputs, num_items_in_batch=num_items_in_batch)
         scale = 1.0 / self._scale_inverse()
-        val_grads = torch.autograd.grad(loss * scale, params, allow_unused=True)
-        pairs = [(g, t) for g, t in zip(val_grads, u) if g is not None]
-        val_dot = _dot([g for g, _ in pairs], [t for _, t in pairs]) / scale
-        return loss.detach(), val_dot
+        val_loss = []
+
+        def scaled_loss(model, inputs, num_items):
+            with self.compute_loss_context_manager(), self.extra_pass():
+                loss = self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items)
+            val_loss.append(loss.detach())
+            return loss * scale
+
+        if self._sharded:
+            val_grads = self._synced_gradients(unwrapped, params, [(batch, num_items_in_batch)], scaled_loss)
+        else:
+            val_grads = torch.autograd.grad(scaled_loss(unwrapped, batch, num_items_in_batch), params, allow_unused=True)
+            val_grads, u = zip(*[(g, t) for g, t in zip(val_grads, u) if g is not None])
+        return val_loss[0], global_dot(list(val_grads), list(u)) / scale
 
     def _make_rho_batches(self) -> RhoBatches:
         dataset = self.rho_dataset
@@ -619,11 +668,11 @@ class LETSMixin:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.rule is None or not (self.args.should_save or self._rank_local_state()):
             return
-        state = {
+        state = local_state({
             "radius": self.radius.state_dict(),
             "rule": self.rule.state_dict(),
             "rho_batches": self._rho_batches.state_dict() if self._rho_batches is not None else None,
-        }
+        })
         os.makedirs(output_dir, exist_ok=True)
         path = self._lets_state_path(output_dir)
         torch.save(state, path + ".tmp")
@@ -642,14 +691,17 @@ class LETSMixin:
             )
         device = self.args.device  # "cpu:0" under CPU DDP, which torch.load cannot map to
         state = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=True)
+        if self._sharded:
+            state = sharded_state(state, self._trainable(self.model_wrapped)[1][0].device_mesh)
         self.radius.load_state_dict(state["radius"])
         self.rule.load_state_dict(state["rule"])
         if state["rho_batches"] is not None:
             self._rho_batches.load_state_dict(state["rho_batches"])
 
     def _rank_local_state(self) -> bool:
-        """In the local scope each rank's ∂θ/∂ρ and rule statistics come from its own gradients."""
-        return self.args.sam_scope == "local" and self.args.world_size > 1
+        """In the local scope each rank's ∂θ/∂ρ and rule statistics come from its own gradients; under
+        FSDP2 each rank holds a shard of them."""
+        return self._sharded or (self.args.sam_scope == "local" and self.args.world_size > 1)
 
     def _lets_state_path(self, directory: str) -> str:
         """`lets_state.pt`, or one `lets_state_rank<r>.pt` per rank when the state is rank-local."""
@@ -686,7 +738,3 @@ class _NonFiniteStepGuard(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._end_step_guard()
 
-
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """Σ⟨a_i, b_i⟩ without allocating a parameter-sized temporary."""
-    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1).to(x.dtype)) for x, y in zip(a, b)]).sum()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.trainer_pt_utils import get_parameter_names
 
-from .rules.base import global_norm
+from .tensor_lists import global_norm
 from .rules.lightsam import INITIAL_ACCUMULATOR
 
 #: Trainer's rule for parameters without weight decay: LayerNorm layers, biases, norms.

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from .tensor_lists import global_norm
+
 ADAM_BETAS = (0.9, 0.999)
 DEFAULT_LR_FRACTION = 0.02  # rho_lr = 2% of the initial ρ when the user gives none
 ADAM_EPS = 1e-16  # tiny: the scalar hypergradient can be ~1e-9 and Adam must stay scale-free
@@ -66,7 +68,7 @@ class Radius:
         if not max_norm or max_norm <= 0:
             self.clip_coef.fill_(1.0)
             return
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(descent_grads))).double() * inv_scale
+        norm = global_norm(descent_grads).double() * inv_scale
         torch.clamp(max_norm / (norm + 1e-6), max=1.0, out=self.clip_coef)
 
     def apply_descent_jacobian_(self, optimizer, params: list[torch.Tensor], u: list[torch.Tensor]) -> None:

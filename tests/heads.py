@@ -12,6 +12,7 @@ import os
 
 import torch
 import transformers as tf
+from torch.distributed.tensor import DTensor
 
 from lets_hf import LETSConfig, LETSTrainer
 from lets_hf import loss_normalization as norms
@@ -105,6 +106,12 @@ def validation_rows(head: str, balanced: bool = False) -> list[dict]:
     return build_dataset(head, GLOBAL_BATCH, seed=2, equal_lengths=balanced)
 
 
+def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    """θ as one flat tensor; FSDP2's sharded parameters are gathered (a collective: every rank calls it)."""
+    full = [p.full_tensor() if isinstance(p, DTensor) else p for p in model.parameters()]
+    return torch.cat([p.detach().reshape(-1) for p in full])
+
+
 def train(
     head: str,
     case: str,
@@ -113,6 +120,7 @@ def train(
     accumulation: int = 1,
     average_tokens: bool = True,
     balanced: bool = False,
+    resume: str | None = None,
     **overrides,
 ) -> dict:
     """`STEPS` SGD steps on `head` (sequential batches); returns θ (flat), ρ, the logged losses and gaps,
@@ -134,10 +142,10 @@ def train(
         train_dataset=train_rows(head, balanced),
         rho_dataset=validation_rows(head, balanced) if learn_rho else None,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     return {
-        "theta": torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()]),
+        "theta": flat_parameters(trainer.model),
         "rho": trainer.rho,
         "loss": [entry["loss"] for entry in logs],
         "gen_gap": [entry["gen_gap"] for entry in logs if "gen_gap" in entry],

@@ -6,7 +6,8 @@ T = |θ| + η for parameters whose name contains "weight", T = 1 for the others;
 
 import torch
 
-from .base import NORM_EPS, PerturbationRule, global_norm, register_rule
+from ..tensor_lists import global_norm
+from .base import NORM_EPS, PerturbationRule, register_rule
 
 
 @register_rule("asam")

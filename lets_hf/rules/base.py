@@ -2,7 +2,8 @@
 
 A rule turns the first-pass gradient g into a direction d, in place, so that the
 perturbation is ε = ρ·d (linear in ρ, which is what the LETS hypergradient needs).
-Rules know nothing about Trainer, devices or ranks: they see lists of tensors.
+Rules know nothing about Trainer, devices or ranks: they see lists of tensors (whole, or FSDP2's
+shards) and take norms with `lets_hf.reductions`.
 """
 
 from __future__ import annotations
@@ -37,13 +38,6 @@ def get_rule(name: str, args) -> "PerturbationRule":
     if name not in _REGISTRY:
         raise ValueError(f"Unknown sam_variant {name!r}; choose one of {['none', *available_rules()]}.")
     return _REGISTRY[name].from_args(args)
-
-
-def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """‖concat(tensors)‖₂ as a 0-dim tensor, with one fused kernel per dtype."""
-    if not tensors:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
 
 
 class PerturbationRule:

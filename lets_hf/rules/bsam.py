@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import NORM_EPS, global_norm, register_rule
+from ..tensor_lists import global_norm
+from .base import NORM_EPS, register_rule
 from .sam import SAM
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import PerturbationRule, global_norm, register_rule
+from ..tensor_lists import global_norm
+from .base import PerturbationRule, register_rule
 
 #: u_0 = ε² (and the descent's v_0): keeps 1/√u finite when the first gradients vanish.
 INITIAL_ACCUMULATOR = 1e-8

@@ -2,7 +2,8 @@
 
 import torch
 
-from .base import NORM_EPS, PerturbationRule, global_norm, register_rule
+from ..tensor_lists import global_norm
+from .base import NORM_EPS, PerturbationRule, register_rule
 
 
 @register_rule("sam")

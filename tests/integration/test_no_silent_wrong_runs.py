@@ -196,7 +196,7 @@ def test_a_save_that_fails_halfway_leaves_no_checkpoint_folder(tmp_path, make_ar
         (lambda folder: os.remove(folder / "trainer_state.json"), "trainer_state.json is missing"),
         (lambda folder: (folder / "trainer_state.json").write_text("{"), "trainer_state.json cannot be read"),
         (lambda folder: os.remove(folder / "model.safetensors"), "it has no model weights"),
-        (lambda folder: os.remove(folder / "optimizer.pt"), "optimizer.pt is missing"),
+        (lambda folder: os.remove(folder / "optimizer.pt"), "the optimizer state is missing"),
         (lambda folder: _truncate(folder / "lets_state.pt"), "lets_state.pt cannot be read"),
     ],
 )

@@ -1,0 +1,93 @@
+"""Launched by tests/distributed/test_fsdp2.py with 2 processes: trains real heads under DDP or FSDP2
+(`--mode`, FSDP2 through the CPU harness `fsdp_on_cpu`), accumulation 2, and saves each rank's results.
+
+Default: SAM, ASAM and LETS-SAM runs, to compare the two modes. `--resume`: LETS-SAM with AdamW saved
+at step 2 and resumed, in both of Trainer's FSDP checkpoint formats.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.distributed import fsdp_on_cpu  # noqa: E402
+from tests.distributed.launch import leave_together  # noqa: E402
+from tests.heads import GLOBAL_BATCH, train  # noqa: E402
+
+ACCUMULATION = 2
+#: name -> (head, case of tests.heads, overrides)
+RUNS = {
+    "bert-classification/sam": ("bert-classification", "sam", {}),
+    "bert-classification/asam": ("bert-classification", "sam", {"sam_variant": "asam", "rho": 0.5}),
+    "bert-classification/lets-sam": ("bert-classification", "lets-sam", {}),
+    "gpt2/lets-sam": ("gpt2", "lets-sam", {}),
+}
+#: FSDP2 units: each transformer layer (accelerate then gives the embeddings and the head units of their own).
+LAYERS = {"bert-classification": "BertLayer", "gpt2": "GPT2Block"}
+RESUMED = "bert-classification"
+
+
+def fsdp2(head: str, state_dict_type: str = "FULL_STATE_DICT") -> dict:
+    config = {"version": 2, "transformer_layer_cls_to_wrap": [LAYERS[head]], "state_dict_type": state_dict_type}
+    return {"fsdp": True, "fsdp_config": config}
+
+
+def equality_runs(cli, world: int) -> dict:
+    results = {}
+    for name in cli.runs.split(","):
+        head, case, overrides = RUNS[name]
+        overrides = {**overrides, **(fsdp2(head) if cli.mode == "fsdp2" else {})}
+        run = train(
+            head, case, str(Path(cli.out) / name), batch=GLOBAL_BATCH // world // ACCUMULATION,
+            accumulation=ACCUMULATION, **overrides,
+        )
+        run["normalization"] = run["normalization"].kind
+        run["parameter_type"] = type(next(run.pop("model").parameters())).__name__
+        results[name] = run
+    return results
+
+
+def resume_runs(cli, world: int) -> dict:
+    """4 AdamW steps straight through, and resumed from the checkpoint at step 2 (optimizer state, each rank's
+    shard of u), for Trainer's two FSDP checkpoint formats."""
+    results = {}
+    for state_dict_type in ("FULL_STATE_DICT", "SHARDED_STATE_DICT"):
+        settings = dict(
+            batch=GLOBAL_BATCH // world // ACCUMULATION, accumulation=ACCUMULATION, optim="adamw_torch",
+            learning_rate=1e-3, rho_optimizer="adam", rho_lr=0.01, max_steps=4, save_strategy="steps", save_steps=2,
+            **fsdp2(RESUMED, state_dict_type),
+        )
+        out = Path(cli.out) / state_dict_type
+        straight = train(RESUMED, "lets-sam", str(out / "straight"), **settings)
+        resumed = train(RESUMED, "lets-sam", str(out / "resumed"), resume=str(out / "straight" / "checkpoint-2"), **settings)
+        results[state_dict_type] = {
+            "straight": {"theta": straight["theta"], "rho": straight["rho"]},
+            "resumed": {"theta": resumed["theta"], "rho": resumed["rho"]},
+            "files": sorted(os.listdir(out / "straight" / "checkpoint-2")),
+        }
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mode", choices=["ddp", "fsdp2"], required=True)
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--resume", action="store_true", help="the resume runs instead (FSDP2 only)")
+    cli = parser.parse_args()
+    torch.set_num_threads(1)
+    if cli.mode == "fsdp2":
+        fsdp_on_cpu.enable()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    results = resume_runs(cli, world) if cli.resume else equality_runs(cli, world)
+    torch.save(results, Path(cli.out) / f"rank{dist.get_rank() if dist.is_initialized() else 0}.pt")
+    leave_together()
+
+
+if __name__ == "__main__":
+    main()
