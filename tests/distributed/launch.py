@@ -13,13 +13,14 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 
 
-def launch(script: Path, *args: str, processes: int = 2) -> None:
-    """Runs `script` on `processes` processes (1: plain Python) and fails with its stderr."""
+def launch(script: Path, *args: str, processes: int = 2, config: Path = HERE / "configs" / "ddp.yaml") -> None:
+    """Runs `script` on `processes` processes (1: plain Python) with the accelerate `config`, and fails
+    with its stderr. The config's mixed precision is turned off: these runs compare numbers exactly."""
     if processes == 1:
         command = [sys.executable, str(script), *args]
     else:
-        config = str(HERE / "configs" / "ddp.yaml")
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, str(script), *args]
+        launcher = ["--config_file", str(config), "--mixed_precision", "no"]
+        command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, str(script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     if done.returncode != 0 and "terminate called without an active exception" in done.stderr:

@@ -2,7 +2,9 @@
 (`--mode`, FSDP2 through the CPU harness `fsdp_on_cpu`), accumulation 2, and saves each rank's results.
 
 Default: SAM, ASAM and LETS-SAM runs, to compare the two modes. `--resume`: LETS-SAM with AdamW saved
-at step 2 and resumed, in both of Trainer's FSDP checkpoint formats.
+at step 2 and resumed, in both of Trainer's FSDP checkpoint formats. `--mode accelerate_config`: FSDP
+comes from `accelerate launch --config_file` (environment variables), not from `TrainingArguments`;
+with `--refused`, building the trainer must fail with that message.
 """
 
 import argparse
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.distributed import fsdp_on_cpu  # noqa: E402
 from tests.distributed.launch import leave_together  # noqa: E402
+from lets_hf.errors import UsageError  # noqa: E402
 from tests.heads import GLOBAL_BATCH, train  # noqa: E402
 
 ACCUMULATION = 2
@@ -41,7 +44,7 @@ def equality_runs(cli, world: int) -> dict:
     results = {}
     for name in cli.runs.split(","):
         head, case, overrides = RUNS[name]
-        overrides = {**overrides, **(fsdp2(head) if cli.mode == "fsdp2" else {})}
+        overrides = {**overrides, **(fsdp2(head) if cli.mode == "fsdp2" else {})}  # else DDP or the launcher's FSDP
         run = train(
             head, case, str(Path(cli.out) / name), batch=GLOBAL_BATCH // world // ACCUMULATION,
             accumulation=ACCUMULATION, **overrides,
@@ -73,18 +76,33 @@ def resume_runs(cli, world: int) -> dict:
     return results
 
 
+def refusal(cli, world: int) -> dict:
+    key, value = cli.override.split("=") if cli.override else (None, None)
+    try:
+        train(RESUMED, "lets-sam", str(Path(cli.out) / "refused"), batch=GLOBAL_BATCH // world, **({key: value} if key else {}))
+    except UsageError as error:
+        assert cli.refused in str(error), error
+        return {"refused": str(error)}
+    raise AssertionError(f"LETSTrainer was built; expected a refusal naming {cli.refused!r}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--mode", choices=["ddp", "fsdp2"], required=True)
+    parser.add_argument("--mode", choices=["ddp", "fsdp2", "accelerate_config"], required=True)
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--resume", action="store_true", help="the resume runs instead (FSDP2 only)")
+    parser.add_argument("--refused", help="with a LETS override KEY=VALUE: the trainer must refuse, naming this")
+    parser.add_argument("--override", default="", help="KEY=VALUE of LETSConfig for --refused")
     cli = parser.parse_args()
     torch.set_num_threads(1)
-    if cli.mode == "fsdp2":
+    if cli.mode != "ddp":
         fsdp_on_cpu.enable()
     world = int(os.environ.get("WORLD_SIZE", 1))
-    results = resume_runs(cli, world) if cli.resume else equality_runs(cli, world)
+    if cli.refused:
+        results = refusal(cli, world)
+    else:
+        results = resume_runs(cli, world) if cli.resume else equality_runs(cli, world)
     torch.save(results, Path(cli.out) / f"rank{dist.get_rank() if dist.is_initialized() else 0}.pt")
     leave_together()
 

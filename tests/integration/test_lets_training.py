@@ -157,12 +157,20 @@ def test_fp16_overflow_skips_the_step_for_theta_and_rho(make_args, poison_call, 
         (dict(rho_hessian="full"), "Unknown rho_hessian"),
         (dict(rho_min=0.5, rho_max=0.1), "rho_min < rho_max"),
         (dict(rho_update_interval=0), "rho_update_interval must be >= 1"),
-        (dict(fsdp="full_shard"), "does not support FSDP"),
+        (dict(fsdp=True, fsdp_config={"version": 1}), "does not support FSDP1"),
+        (dict(fsdp=True, sam_scope="local"), "sam_scope='local' is not supported under FSDP2"),
+        (dict(fsdp=True, learn_rho=True, rho_hessian="exact"), "rho_hessian='exact' is not supported under FSDP2"),
     ],
 )
 def test_bad_config_names_the_fix(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         LETSConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **overrides)
+
+
+def test_fsdp2_is_accepted_for_sam_asam_and_learned_rho(tmp_path):
+    for overrides in (dict(sam_variant="sam"), dict(sam_variant="asam", learn_rho=True), dict(learn_rho=True)):
+        args = LETSConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, fsdp=True, **overrides)
+        assert args.fsdp_plugin_args["fsdp_version"] == 2
 
 
 def test_deepspeed_is_refused(tmp_path):

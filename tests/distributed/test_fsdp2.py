@@ -1,0 +1,84 @@
+"""FSDP2 equals DDP on the same global batch, and resumes exactly (2 CPU processes over gloo).
+
+FSDP2 runs on CPU through the harness `tests/distributed/fsdp_on_cpu.py` (accelerate maps FSDP only
+on GPU-like devices). Float64 models, so the two modes differ only by summation order.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.launch import launch
+from tests.distributed.train_fsdp2 import RUNS
+
+HERE = Path(__file__).resolve().parent
+EXAMPLE_CONFIG = HERE.parents[1] / "examples" / "accelerate_fsdp2.yaml"
+
+pytestmark = pytest.mark.distributed
+
+
+def _launch(out: Path, *args: str, **kwargs) -> list[dict]:
+    launch(HERE / "train_fsdp2.py", "--out", str(out), *args, **kwargs)
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("ddp"), "--mode", "ddp")
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("fsdp2"), "--mode", "fsdp2")
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_fsdp2_equals_ddp(ddp, fsdp2, run):
+    sharded, whole = fsdp2[0][run], ddp[0][run]
+    assert sharded["world"] == whole["world"] == 2
+    assert sharded["parameter_type"] == "DTensor" and whole["parameter_type"] == "Parameter"  # really sharded
+    assert fsdp2[1][run]["rho"] == sharded["rho"]  # every rank holds the same ρ
+    torch.testing.assert_close(fsdp2[1][run]["theta"], sharded["theta"], rtol=0, atol=0)
+    torch.testing.assert_close(sharded["theta"], whole["theta"], rtol=1e-9, atol=1e-12)
+    assert sharded["rho"] == pytest.approx(whole["rho"], rel=1e-12)
+    assert sharded["loss"] == pytest.approx(whole["loss"], rel=1e-12)
+    assert sharded["gen_gap"] == pytest.approx(whole["gen_gap"], rel=1e-9)
+    assert sharded["normalization"] == whole["normalization"]
+    if run.endswith("lets-sam"):
+        assert len(sharded["gen_gap"]) == 2 and abs(sharded["rho"] - 0.05) > 1e-3  # ρ was learned
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """LETS-SAM with AdamW saved at step 2 and resumed, in both of Trainer's FSDP checkpoint formats."""
+    return _launch(tmp_path_factory.mktemp("resume"), "--mode", "fsdp2", "--resume")
+
+
+@pytest.mark.parametrize("state_dict_type", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_fsdp2_resume_is_exact(resumed, state_dict_type):
+    for rank in resumed:
+        runs = rank[state_dict_type]
+        assert "lets_state_rank0.pt" in runs["files"] and "lets_state_rank1.pt" in runs["files"]  # u is sharded
+        assert runs["straight"]["rho"] != 0.05 and runs["resumed"]["rho"] == runs["straight"]["rho"]
+        torch.testing.assert_close(runs["resumed"]["theta"], runs["straight"]["theta"], rtol=0, atol=0)
+
+
+def test_the_example_accelerate_config_runs_fsdp2(ddp, tmp_path):
+    """FSDP2 from `accelerate launch --config_file examples/accelerate_fsdp2.yaml` (environment variables,
+    no fsdp in TrainingArguments) shards and equals DDP."""
+    run = "bert-classification/lets-sam"
+    ranks = _launch(tmp_path, "--mode", "accelerate_config", "--runs", run, config=EXAMPLE_CONFIG)
+    assert ranks[0][run]["parameter_type"] == "DTensor" and ranks[1][run]["rho"] == ranks[0][run]["rho"]
+    torch.testing.assert_close(ranks[0][run]["theta"], ddp[0][run]["theta"], rtol=1e-9, atol=1e-12)
+    assert ranks[0][run]["rho"] == pytest.approx(ddp[0][run]["rho"], rel=1e-12)
+
+
+def test_what_fsdp2_does_not_support_is_refused_when_launched(tmp_path):
+    """The accelerate config never reaches TrainingArguments: the trainer itself refuses (here the local scope)."""
+    message = "sam_scope='local' is not supported under FSDP2"
+    ranks = _launch(
+        tmp_path, "--mode", "accelerate_config", "--refused", message, "--override", "sam_scope=local",
+        config=EXAMPLE_CONFIG,
+    )
+    assert all(message in rank["refused"] for rank in ranks)
