@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor_lists import global_norm
+from ..tensor_lists import copy_, global_norm
 from .base import NORM_EPS, register_rule
 from .sam import SAM
 
@@ -40,7 +40,7 @@ class BSAM(SAM):
         if self.first is None or len(self.first) != len(grads):
             self.first = [torch.empty_like(g) for g in grads]
             self.ascent = [torch.empty_like(g) for g in grads]
-        torch._foreach_copy_(self.first, grads)
+        copy_(self.first, grads)
         self.first_norm = super().direction_(names, params, grads)
         return self.first_norm
 
@@ -49,7 +49,7 @@ class BSAM(SAM):
 
     def keep_ascent_gradient_(self, descent: list[torch.Tensor]) -> None:
         """Save g_max before the trainer reuses `.grad` for the min-side pass."""
-        torch._foreach_copy_(self.ascent, descent)
+        copy_(self.ascent, descent)
 
     def min_side_perturbation(self, radius: float) -> list[torch.Tensor]:
         """−ρ_min,t·g/‖g‖ (a temporary: it lives only while the trainer adds it to θ)."""

@@ -1,7 +1,7 @@
 """Launched by tests/distributed/test_fsdp2.py with 2 processes: trains real heads under DDP or FSDP2
 (`--mode`, FSDP2 through the CPU harness `fsdp_on_cpu`), accumulation 2, and saves each rank's results.
 
-Default: SAM, ASAM and LETS-SAM runs, to compare the two modes. `--resume`: LETS-SAM with AdamW saved
+Default: runs of every rule (SAM, ASAM, BSAM, BiSAM, LightSAM; ρ fixed and learned), to compare the two modes. `--resume`: LETS-SAM with AdamW saved
 at step 2 and resumed, in both of Trainer's FSDP checkpoint formats. `--mode accelerate_config`: FSDP
 comes from `accelerate launch --config_file` (environment variables), not from `TrainingArguments`;
 with `--refused`, building the trainer must fail with that message.
@@ -29,6 +29,10 @@ RUNS = {
     "bert-classification/asam": ("bert-classification", "sam", {"sam_variant": "asam", "rho": 0.5}),
     "bert-classification/lets-sam": ("bert-classification", "lets-sam", {}),
     "gpt2/lets-sam": ("gpt2", "lets-sam", {}),
+    "bert-classification/lets-bisam": ("bert-classification", "lets-sam", {"sam_variant": "bisam"}),
+    "bert-classification/bsam": ("bert-classification", "sam", {"sam_variant": "bsam"}),
+    "bert-classification/lets-lightsam-adagrad": ("bert-classification", "lets-sam", {"sam_variant": "lightsam-adagrad", "rho_lr": 1.0}),
+    "bert-classification/lightsam-adagrad-norm": ("bert-classification", "sam", {"sam_variant": "lightsam-adagrad-norm"}),
 }
 #: FSDP2 units: each transformer layer (accelerate then gives the embeddings and the head units of their own).
 LAYERS = {"bert-classification": "BertLayer", "gpt2": "GPT2Block"}
