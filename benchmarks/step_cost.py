@@ -2,32 +2,47 @@
 
     python benchmarks/step_cost.py                       # CPU: BERT of MiniLM shape, batch 32, length 128
     python benchmarks/step_cost.py --model bert-base --precision bf16   # on a GPU
+    python benchmarks/step_cost.py --sharding ddp fsdp2 --batch 8       # DDP against FSDP2, per rank
+    python benchmarks/step_cost.py --sharding ddp fsdp2 --precision bf16 --model bert-base   # the GPU check
 
 Each method runs in its own subprocess so that its peak memory is its own. Peak memory
 is the peak of live tensor bytes, comparable across devices: on CUDA
 `max_memory_allocated`; on CPU the allocator's own allocation/free stream, replayed from
-a `torch.profiler` trace of a separate 3-step run (RSS would include glibc's caching).
+a `torch.profiler` trace of a separate run up to the first ρ update of any method measured
+(3 steps at least, the same for all; RSS would include glibc's caching).
 Step times come from a Trainer callback, in a run without the profiler. The measured
 window is 10 steps, so LETS with `rho_update_interval` 10 pays exactly one validation pass
 in it: the *mean* is the amortized cost, the *median* the cost of a step without ρ update. Ratios are to AdamW and to SAM, measured in one run.
+
+`--sharding ddp fsdp2` runs each method under `accelerate launch` on `--num_processes` processes
+(default: the GPUs found, or 2 CPU processes over gloo) with DDP and with FSDP2, and reports the
+largest peak over ranks. FSDP2 on CPU goes through the test harness `tests/distributed/fsdp_on_cpu.py`
+(accelerate maps FSDP only on GPUs); one GPU is enough to exercise FSDP2's code path.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from torch._C._profiler import _EventType
+from torch.distributed.tensor import DTensor
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
 
-from lets_hf import LETSConfig, LETSTrainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.distributed's launch helpers
+
+from lets_hf import LETSConfig, LETSTrainer  # noqa: E402
+from tests.distributed.launch import leave_together  # noqa: E402
 
 SHAPES = {  # BERT shapes: the MiniLM-L6 shape (all-MiniLM-L6-v2) and bert-base
     "minilm-shape": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -43,7 +58,13 @@ METHODS = {  # name -> LETSConfig overrides
     "lets-sam k=10 exact": dict(sam_variant="sam", learn_rho=True, rho_update_interval=10, rho_hessian="exact"),
 }
 WARMUP, MEASURED = 2, 10
-MEMORY_STEPS = 3  # the profiled run: Adam state and every LETS buffer exist from step 2 on
+MEMORY_STEPS = 3  # the profiled run: Adam state and SAM's backup exist from step 2 on
+
+
+def memory_steps(methods: list[str]) -> int:
+    """Steps of every method's profiled run: up to the first ρ update of any learned ρ (u_t exists from
+    step k). The same for all, because under FSDP2 on CPU the peak grows with the steps of the run."""
+    return max(MEMORY_STEPS, *(METHODS[method].get("rho_update_interval", 0) + 1 for method in methods))
 
 
 class _StepTimer(TrainerCallback):
@@ -101,8 +122,52 @@ def peak_live_bytes(prof: torch.profiler.profile) -> int:
     return peak
 
 
-def _train(method: str, shape: str, precision: str, batch: int, length: int, steps: int, output_dir: str, callbacks=()):
-    """A fresh model trained `steps` steps on fixed random tokens; returns the model."""
+def _local_mb(tensors) -> float:
+    """MB this rank holds of `tensors` (for FSDP2's DTensors, the local shard)."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in local) / 2**20
+
+
+def state_per_rank(trainer) -> dict:
+    """What this rank holds across steps, counted from the tensors themselves: parameters, optimizer
+    state, and LETS's buffers (θ backup, u = ∂θ/∂ρ, the rule's state). Deterministic, unlike a peak."""
+    optimizer_state = [t for state in trainer.optimizer.state.values() for t in state.values()]
+    lets = []
+    if trainer.rule is not None:
+        lets = [*trainer._backup.values(), *(trainer.radius.u or []), *_tensors_in(trainer.rule.state_dict())]
+    return {
+        "params_mb": _local_mb(trainer.model.parameters()),
+        "optimizer_mb": _local_mb(optimizer_state),
+        "lets_buffers_mb": _local_mb(lets),
+    }
+
+
+def _tensors_in(tree) -> list:
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in _tensors_in(value)]
+    if isinstance(tree, (list, tuple)):
+        return [t for value in tree for t in _tensors_in(value)]
+    return [tree] if torch.is_tensor(tree) else []
+
+
+def _sharding_args(sharding: str | None) -> dict:
+    """TrainingArguments of a launched run: FSDP2 with one unit per BERT layer, or DDP."""
+    if sharding is None:
+        return {}
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    backend = {"ddp_backend": "gloo"} if not torch.cuda.is_available() and world > 1 else {}
+    if sharding == "ddp":
+        return backend
+    if not torch.cuda.is_available():
+        from tests.distributed import fsdp_on_cpu
+
+        fsdp_on_cpu.enable()
+    return {**backend, "fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
+
+
+def _train(method: str, shape: str, precision: str, batch: int, length: int, steps: int, output_dir: str, callbacks=(),
+           sharding: str | None = None):
+    """A fresh model trained `steps` steps on fixed random tokens; returns the trainer."""
     cuda = torch.cuda.is_available()
     torch.manual_seed(0)
     config = BertConfig(**SHAPES[shape], num_labels=2, attn_implementation="sdpa")
@@ -111,6 +176,7 @@ def _train(method: str, shape: str, precision: str, batch: int, length: int, ste
         output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps,
         learning_rate=2e-5, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10_000,
         bf16=precision == "bf16", use_cpu=not cuda, dataloader_drop_last=True, seed=0, **METHODS[method],
+        **_sharding_args(sharding),
     )
     trainer = LETSTrainer(
         model=model, args=args, train_dataset=_RandomTokens(batch * steps, length, config.vocab_size, 0),
@@ -118,21 +184,22 @@ def _train(method: str, shape: str, precision: str, batch: int, length: int, ste
         callbacks=list(callbacks),
     )
     trainer.train()
-    return model
+    return trainer
 
 
-def measure_one(method: str, shape: str, precision: str, batch: int, length: int, output_dir: str) -> dict:
-    """Train WARMUP + MEASURED steps of one method; return its step times and peak memory."""
+def measure_one(method: str, shape: str, precision: str, batch: int, length: int, output_dir: str,
+                profiled_steps: int, sharding: str | None = None) -> dict:
+    """Train WARMUP + MEASURED steps of one method; return its step times and peak memory (this rank's)."""
     cuda = torch.cuda.is_available()
     timer = _StepTimer(cuda)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    model = _train(method, shape, precision, batch, length, WARMUP + MEASURED, output_dir, [timer])
+    trainer = _train(method, shape, precision, batch, length, WARMUP + MEASURED, output_dir, [timer], sharding)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     else:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            _train(method, shape, precision, batch, length, MEMORY_STEPS, output_dir)
+            _train(method, shape, precision, batch, length, profiled_steps, output_dir, sharding=sharding)
         peak = peak_live_bytes(prof)
     measured = timer.times[WARMUP:]
     return {
@@ -140,21 +207,47 @@ def measure_one(method: str, shape: str, precision: str, batch: int, length: int
         "mean_s": statistics.mean(measured),
         "peak_mb": peak / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "param_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+        "param_mb": trainer.model.num_parameters() * next(trainer.model.parameters()).element_size() / 2**20,
+        "world": trainer.args.world_size,
+        "sharded": trainer.accelerator.is_fsdp2,
+        **state_per_rank(trainer),
     }
+
+
+def measure_launched(method: str, cli, output_dir: str) -> dict | None:
+    """`measure_one` on every rank of a launched run; rank 0 gets the largest peak and step time over ranks."""
+    row = measure_one(method, cli.model, cli.precision, cli.batch, cli.length, output_dir, cli._profiled_steps,
+                      cli._sharding)
+    rows = gather_object([row])
+    leave_together()
+    if int(os.environ.get("RANK", 0)) != 0:
+        return None
+    keys = ("median_s", "mean_s", "peak_mb", "peak_rss_mb", "params_mb", "optimizer_mb", "lets_buffers_mb")
+    worst = {key: max(r[key] for r in rows) for key in keys}
+    return {**row, **worst, "peak_mb_per_rank": [r["peak_mb"] for r in rows]}
 
 
 def run_all(cli) -> list[dict]:
     rows = []
-    for method in cli.methods:
-        command = [sys.executable, __file__, "--_one", method, "--model", cli.model, "--precision", cli.precision,
-                   "--batch", str(cli.batch), "--length", str(cli.length)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{method} failed:\n{done.stderr[-4000:]}")
-        row = {"method": method, **json.loads(done.stdout.strip().splitlines()[-1])}
-        print(f"{method:<24} mean {row['mean_s']:.3f}s  median {row['median_s']:.3f}s  peak {row['peak_mb']:.0f} MB", flush=True)
-        rows.append(row)
+    for sharding in cli.sharding or [None]:
+        for method in cli.methods:
+            one = [__file__, "--_one", method, "--model", cli.model, "--precision", cli.precision,
+                   "--batch", str(cli.batch), "--length", str(cli.length),
+                   "--_profiled_steps", str(memory_steps(cli.methods))]
+            if sharding is None:
+                command = [sys.executable, *one]
+            else:  # torchrun, so that one GPU still runs DDP and FSDP2 (over one rank)
+                launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(cli.num_processes)]
+                command = [sys.executable, *launcher, *one, "--_sharding", sharding]
+            threads = {"OMP_NUM_THREADS": "1"} if sharding and not torch.cuda.is_available() else {}
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **threads})
+            if done.returncode != 0:
+                raise RuntimeError(f"{method} ({sharding}) failed:\n{done.stderr[-4000:]}")
+            name = method if sharding is None else f"{method} {sharding}"
+            row = {"method": name, **json.loads(done.stdout.strip().splitlines()[-1])}
+            print(f"{name:<30} mean {row['mean_s']:.3f}s  median {row['median_s']:.3f}s  peak {row['peak_mb']:.0f} MB",
+                  flush=True)
+            rows.append(row)
     return rows
 
 
@@ -179,6 +272,33 @@ def to_markdown(rows: list[dict], cli, device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sharding_markdown(rows: list[dict], cli, device: str) -> str:
+    """DDP against FSDP2 per method: the largest peak over ranks and the step times."""
+    by_name = {r["method"]: r for r in rows}
+    world = rows[0]["world"]
+    lines = [
+        f"DDP against FSDP2 on {device}, {world} process(es): BERT of {cli.model} shape, batch {cli.batch} per rank, "
+        f"length {cli.length}, {cli.precision}; {MEASURED} measured steps after {WARMUP} warm-up. Parameters: "
+        f"{rows[0]['param_mb']:.0f} MB. Held per rank: parameters + optimizer state + LETS's buffers (θ backup, "
+        "u, rule state), counted from the tensors (the largest rank). Peak: the largest peak of live tensor memory "
+        "over ranks.",
+        "",
+        "| method | DDP held (MB) | FSDP2 held (MB) | DDP LETS buffers (MB) | FSDP2 LETS buffers (MB) | DDP peak (MB) "
+        "| FSDP2 peak (MB) | DDP mean step (s) | FSDP2 mean step (s) | FSDP2 / DDP time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method in cli.methods:
+        ddp, fsdp2 = by_name[f"{method} ddp"], by_name[f"{method} fsdp2"]
+        assert fsdp2["sharded"] and not ddp["sharded"], "a run did not use the sharding it was given"
+        held = [r["params_mb"] + r["optimizer_mb"] + r["lets_buffers_mb"] for r in (ddp, fsdp2)]
+        lines.append(
+            f"| {method} | {held[0]:.0f} | {held[1]:.0f} | {ddp['lets_buffers_mb']:.0f} | {fsdp2['lets_buffers_mb']:.0f} "
+            f"| {ddp['peak_mb']:.0f} | {fsdp2['peak_mb']:.0f} "
+            f"| {ddp['mean_s']:.3f} | {fsdp2['mean_s']:.3f} | {fsdp2['mean_s'] / ddp['mean_s']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=SHAPES, default="minilm-shape")
@@ -187,17 +307,29 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--sharding", nargs="+", choices=["ddp", "fsdp2"], help="compare these, launched per rank")
+    parser.add_argument("--num_processes", type=int, default=torch.cuda.device_count() or 2)
     parser.add_argument("--_one", help=argparse.SUPPRESS)
+    parser.add_argument("--_sharding", help=argparse.SUPPRESS)
+    parser.add_argument("--_profiled_steps", type=int, help=argparse.SUPPRESS)
     cli = parser.parse_args(argv)
     if cli._one:
-        with __import__("tempfile").TemporaryDirectory() as tmp:
-            print(json.dumps(measure_one(cli._one, cli.model, cli.precision, cli.batch, cli.length, tmp)))
+        with tempfile.TemporaryDirectory() as tmp:
+            row = measure_launched(cli._one, cli, tmp) if cli._sharding else measure_one(
+                cli._one, cli.model, cli.precision, cli.batch, cli.length, tmp, cli._profiled_steps
+            )
+        if row is not None:
+            print(json.dumps(row))
         return
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    if cli.sharding:
+        device = f"{device} × {cli.num_processes}" if cuda else f"CPU ({cli.num_processes} processes × 1 thread)"
     rows = run_all(cli)
-    table = to_markdown(rows, cli, device)
+    table = sharding_markdown(rows, cli, device) if cli.sharding else to_markdown(rows, cli, device)
     print("\n" + table)
-    stem = Path(cli.out) / f"step_cost_{'cuda' if torch.cuda.is_available() else 'cpu'}_{cli.model}_{cli.precision}"
+    kind = "_ddp_vs_fsdp2" if cli.sharding else ""
+    stem = Path(cli.out) / f"step_cost{kind}_{'cuda' if cuda else 'cpu'}_{cli.model}_{cli.precision}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(table)
     stem.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))

@@ -7,14 +7,17 @@ Per optimizer step (global scope, M accumulation micro-batches):
 
 1. first passes: each micro-batch runs the trainer's own `training_step` under `no_sync`,
    accumulating g in `.grad`; the inputs are cached;
-2. on the last micro-batch: average g over ranks (one all-reduce), update ρ if due
-   (validation pass + hypergradient), turn g into ε = ρ·d with the rule, perturb θ;
+2. on the last micro-batch: average g over ranks (one all-reduce; under FSDP2, its own
+   reduce-scatter of that pass, leaving g sharded), update ρ if due (validation pass +
+   hypergradient), turn g into ε = ρ·d with the rule, perturb θ;
 3. second passes at θ + ε over the cached micro-batches (DDP syncs on the last one),
    then restore θ bit-exactly from a backup;
 4. Trainer clips and steps the optimizer as usual; a callback then turns the stored
    H·d into u = ∂θ_{t+1}/∂ρ for the next ρ update.
 
-In the local scope each micro-batch perturbs with its own (rank-local) gradient. Passes
+Under FSDP2 every parameter-shaped tensor (g, ε, the backup, u) is a shard and every norm or inner
+product one scalar all-reduce (`lets_hf.tensor_lists`). In the local scope (DDP only) each
+micro-batch perturbs with its own (rank-local) gradient. Passes
 other than Trainer's own first pass run inside `extra_pass()`, so that a trainer that
 records metrics in `compute_loss` (TRL) can count each training token once.
 """
@@ -45,8 +48,8 @@ from .loss_normalization import LossNormalization, logits_of
 from .nonfinite import NonFiniteGuard
 from .optim import lightsam_optimizer_cls_and_kwargs
 from .radius import Radius, check_optimizer_supported
-from .tensor_lists import copy_, global_dot, global_norm
 from .rules import get_rule
+from .tensor_lists import copy_, global_dot, global_norm
 from .validation import RhoBatches, split_for_rho
 
 logger = logging.get_logger(__name__)

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from transformers.trainer_pt_utils import get_parameter_names
 
-from .tensor_lists import global_norm
 from .rules.lightsam import INITIAL_ACCUMULATOR
+from .tensor_lists import global_norm
 
 #: Trainer's rule for parameters without weight decay: LayerNorm layers, biases, norms.
 NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]

@@ -121,6 +121,7 @@ def train(
     average_tokens: bool = True,
     balanced: bool = False,
     resume: str | None = None,
+    dtype: torch.dtype = torch.float64,
     **overrides,
 ) -> dict:
     """`STEPS` SGD steps on `head` (sequential batches); returns θ (flat), ρ, the logged losses and gaps,
@@ -137,7 +138,7 @@ def train(
     )
     args = LETSConfig(**{**settings, **overrides})
     trainer = LETSTrainer(
-        model=build_model(head),
+        model=build_model(head).to(dtype),
         args=args,
         train_dataset=train_rows(head, balanced),
         rho_dataset=validation_rows(head, balanced) if learn_rho else None,

@@ -1,7 +1,8 @@
 """Launched by tests/distributed/test_fsdp2.py with 2 processes: trains real heads under DDP or FSDP2
 (`--mode`, FSDP2 through the CPU harness `fsdp_on_cpu`), accumulation 2, and saves each rank's results.
 
-Default: runs of every rule (SAM, ASAM, BSAM, BiSAM, LightSAM; ρ fixed and learned), to compare the two modes. `--resume`: LETS-SAM with AdamW saved
+Default: runs of every rule (SAM, ASAM, BSAM, BiSAM, LightSAM; ρ fixed and learned) and LETS-SAM in bf16,
+to compare the two modes. `--resume`: LETS-SAM with AdamW saved
 at step 2 and resumed, in both of Trainer's FSDP checkpoint formats. `--mode accelerate_config`: FSDP
 comes from `accelerate launch --config_file` (environment variables), not from `TrainingArguments`;
 with `--refused`, building the trainer must fail with that message.
@@ -17,9 +18,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from lets_hf.errors import UsageError  # noqa: E402
 from tests.distributed import fsdp_on_cpu  # noqa: E402
 from tests.distributed.launch import leave_together  # noqa: E402
-from lets_hf.errors import UsageError  # noqa: E402
 from tests.heads import GLOBAL_BATCH, train  # noqa: E402
 
 ACCUMULATION = 2
@@ -33,6 +34,8 @@ RUNS = {
     "bert-classification/bsam": ("bert-classification", "sam", {"sam_variant": "bsam"}),
     "bert-classification/lets-lightsam-adagrad": ("bert-classification", "lets-sam", {"sam_variant": "lightsam-adagrad", "rho_lr": 1.0}),
     "bert-classification/lightsam-adagrad-norm": ("bert-classification", "sam", {"sam_variant": "lightsam-adagrad-norm"}),
+    # float32 weights: bf16 compute (autocast under DDP, FSDP2's MixedPrecisionPolicy) differs by rounding only
+    "bert-classification/lets-sam-bf16": ("bert-classification", "lets-sam", {"bf16": True, "dtype": torch.float32}),
 }
 #: FSDP2 units: each transformer layer (accelerate then gives the embeddings and the head units of their own).
 LAYERS = {"bert-classification": "BertLayer", "gpt2": "GPT2Block"}
