@@ -64,6 +64,19 @@ def build_model(head: str) -> torch.nn.Module:
     return model.double()
 
 
+def lora_llama() -> torch.nn.Module:
+    """A tiny Llama with LoRA adapters on q and v (random A and B: both get gradients); needs peft."""
+    import peft
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        intermediate_size=37, max_position_embeddings=16, attn_implementation="eager",
+    )
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+    return peft.get_peft_model(tf.LlamaForCausalLM(config).double(), lora)
+
+
 def target_lengths(n: int, seed: int, balanced: bool) -> list[int]:
     """Real targets per example, 1..LENGTH. `balanced`: in every global batch of 8 (sequential
     order), examples 0-3 and 4-7 hold the same total, so 2 ranks see equal token counts."""
@@ -122,6 +135,7 @@ def train(
     balanced: bool = False,
     resume: str | None = None,
     dtype: torch.dtype = torch.float64,
+    model: torch.nn.Module | None = None,
     **overrides,
 ) -> dict:
     """`STEPS` SGD steps on `head` (sequential batches); returns θ (flat), ρ, the logged losses and gaps,
@@ -138,7 +152,7 @@ def train(
     )
     args = LETSConfig(**{**settings, **overrides})
     trainer = LETSTrainer(
-        model=build_model(head).to(dtype),
+        model=(build_model(head) if model is None else model).to(dtype),
         args=args,
         train_dataset=train_rows(head, balanced),
         rho_dataset=validation_rows(head, balanced) if learn_rho else None,

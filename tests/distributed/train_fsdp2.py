@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lets_hf.errors import UsageError  # noqa: E402
 from tests.distributed import fsdp_on_cpu  # noqa: E402
 from tests.distributed.launch import leave_together  # noqa: E402
-from tests.heads import GLOBAL_BATCH, train  # noqa: E402
+from tests.heads import GLOBAL_BATCH, lora_llama, train  # noqa: E402
 
 ACCUMULATION = 2
 #: name -> (head, case of tests.heads, overrides)
@@ -34,11 +34,13 @@ RUNS = {
     "bert-classification/bsam": ("bert-classification", "sam", {"sam_variant": "bsam"}),
     "bert-classification/lets-lightsam-adagrad": ("bert-classification", "lets-sam", {"sam_variant": "lightsam-adagrad", "rho_lr": 1.0}),
     "bert-classification/lightsam-adagrad-norm": ("bert-classification", "sam", {"sam_variant": "lightsam-adagrad-norm"}),
+    # LoRA adapters on a Llama (causal-LM rows of tests.heads' "gpt2"): only the adapters are sharded and perturbed
+    "llama-lora/lets-sam": ("gpt2", "lets-sam", {"model": "lora", "rho_lr": 30000.0}),
     # float32 weights: bf16 compute (autocast under DDP, FSDP2's MixedPrecisionPolicy) differs by rounding only
     "bert-classification/lets-sam-bf16": ("bert-classification", "lets-sam", {"bf16": True, "dtype": torch.float32}),
 }
 #: FSDP2 units: each transformer layer (accelerate then gives the embeddings and the head units of their own).
-LAYERS = {"bert-classification": "BertLayer", "gpt2": "GPT2Block"}
+LAYERS = {"bert-classification": "BertLayer", "gpt2": "GPT2Block", "llama-lora": "LlamaDecoderLayer"}
 RESUMED = "bert-classification"
 
 
@@ -51,7 +53,10 @@ def equality_runs(cli, world: int) -> dict:
     results = {}
     for name in cli.runs.split(","):
         head, case, overrides = RUNS[name]
-        overrides = {**overrides, **(fsdp2(head) if cli.mode == "fsdp2" else {})}  # else DDP or the launcher's FSDP
+        model = name.split("/")[0]
+        overrides = {**overrides, **(fsdp2(model) if cli.mode == "fsdp2" else {})}  # else DDP or the launcher's FSDP
+        if overrides.get("model") == "lora":
+            overrides["model"] = lora_llama()
         run = train(
             head, case, str(Path(cli.out) / name), batch=GLOBAL_BATCH // world // ACCUMULATION,
             accumulation=ACCUMULATION, **overrides,

@@ -4,25 +4,14 @@ import copy
 
 import pytest
 import torch
-import transformers as tf
 
 from lets_hf import LETSConfig, LETSTrainer
 from tests.checks import assert_resume_is_exact
-from tests.heads import build_dataset
+from tests.heads import build_dataset, lora_llama
 
 peft = pytest.importorskip("peft", reason="the PEFT tests need peft: pip install 'lets-hf[peft]' (the dev extra has it)")
 
 RHO, LR = 0.05, 0.1
-
-
-def lora_llama():
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        intermediate_size=37, max_position_embeddings=16, attn_implementation="eager",
-    )
-    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
-    return peft.get_peft_model(tf.LlamaForCausalLM(config).double(), lora)  # random A and B: both get gradients
 
 
 def _args(tmp_path, **overrides):
