@@ -39,12 +39,12 @@ def rho_of(method: str) -> float | None:
 
 
 def scores(runs: list[dict]) -> dict:
-    """task -> method -> list of primary dev scores (×100) and wall times, over seeds."""
-    table = defaultdict(lambda: defaultdict(lambda: {"score": [], "wall": [], "final_rho": [], "runs": []}))
+    """task -> method -> list of primary dev scores (×100) and CPU times, over seeds."""
+    table = defaultdict(lambda: defaultdict(lambda: {"score": [], "cpu": [], "final_rho": [], "runs": []}))
     for run in runs:
         cell = table[run["task"]][run["method"]]
         cell["score"].append(100 * run["metrics"][f"eval_{PRIMARY[run['task']]}"])
-        cell["wall"].append(run["wall_time_s"])
+        cell["cpu"].append(run.get("cpu_time_s", run["wall_time_s"]))  # runs before CPU time was recorded: wall
         cell["final_rho"].append(run["final_rho"])
         cell["runs"].append(run)
     return table
@@ -75,22 +75,23 @@ def markdown(table: dict, seeds: int) -> str:
     header = ["method", *(f"{TASK_TITLES.get(t, t)} {PRIMARY[t].replace('matthews_correlation', 'MCC')}" for t in tasks)]
     lines = [
         f"Dev score ×100, mean ± std over {seeds} seeds ((n=k): only k seeds so far). Average: mean of the task "
-        "means (GLUE-style, one score per task). CPU: wall minutes of all this row's runs.",
+        "means (GLUE-style, one score per task). CPU: CPU minutes (process time, all threads) of all this row's "
+        "runs; runs saved before CPU time was recorded count their wall time.",
         "",
         "| " + " | ".join(header + ["average", "CPU (min)"]) + " |",
         "|" + "---|" * (len(header) + 2),
     ]
     for row in rows:
-        cells, means, wall = [row], [], 0.0
+        cells, means, cpu = [row], [], 0.0
         for task in tasks:
             method = picks.get(task) if row == ORACLE else row
             cell = table[task].get(method) if method else None
             cells.append(_cell(cell["score"], seeds) if cell else "–")
             if cell:
                 means.append(np.mean(cell["score"]))
-                wall += sum(sum(table[task][m]["wall"]) for m in table[task] if m.startswith("sam@")) if row == ORACLE else sum(cell["wall"])
+                cpu += sum(sum(table[task][m]["cpu"]) for m in table[task] if m.startswith("sam@")) if row == ORACLE else sum(cell["cpu"])
         average = f"{np.mean(means):.1f}" if len(means) == len(STUDY_TASKS) else "–"  # only over every study task
-        lines.append("| " + " | ".join(cells + [average, f"{wall / 60:.0f}"]) + " |")
+        lines.append("| " + " | ".join(cells + [average, f"{cpu / 60:.0f}"]) + " |")
     lines += ["", f"{ORACLE}: the grid's best ρ per task on dev, its CPU the whole grid's: "
               + ", ".join(f"{TASK_TITLES.get(t, t)} ρ = {rho_of(picks[t]):g}" for t in tasks if t in picks) + "."]
     lines += ["", f"Floor (AdamW must clear it, seed std ≤ {MAX_SEED_STD:g}):", "",
