@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.distributed.launch import launch
-from tests.distributed.train_fsdp2 import RUNS
+from tests.distributed.train_fsdp2 import RUNS, SFT_RUN
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE_CONFIG = HERE.parents[1] / "examples" / "accelerate_fsdp2.yaml"
@@ -50,6 +50,16 @@ def test_fsdp2_equals_ddp(ddp, fsdp2, run):
     assert sharded["normalization"] == whole["normalization"]
     if "/lets-" in run:
         assert len(sharded["gen_gap"]) == 2 and abs(sharded["rho"] - 0.05) > 1e-3  # ρ was learned
+
+
+def test_fsdp2_equals_ddp_in_trl_sft(ddp, fsdp2):
+    """TRL's SFTTrainer with LETS-SAM (float32 tiny Llama): FSDP2 = DDP to float32 rounding, TRL's token count too."""
+    sharded, whole = fsdp2[0][SFT_RUN], ddp[0][SFT_RUN]
+    assert sharded["parameter_type"] == "DTensor" and fsdp2[1][SFT_RUN]["rho"] == sharded["rho"]
+    torch.testing.assert_close(sharded["theta"], whole["theta"], rtol=1e-5, atol=1e-6)
+    assert sharded["rho"] == pytest.approx(whole["rho"], rel=1e-5) and abs(sharded["rho"] - 0.05) > 1e-3
+    assert sharded["gen_gap"] == pytest.approx(whole["gen_gap"], rel=1e-3, abs=1e-6)
+    assert sharded["num_tokens"] == whole["num_tokens"]
 
 
 def test_fsdp2_bf16_trains_like_ddp_bf16(ddp, fsdp2):

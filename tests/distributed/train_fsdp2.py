@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lets_hf.errors import UsageError  # noqa: E402
 from tests.distributed import fsdp_on_cpu  # noqa: E402
 from tests.distributed.launch import leave_together  # noqa: E402
-from tests.heads import GLOBAL_BATCH, lora_llama, train  # noqa: E402
+from tests.heads import GLOBAL_BATCH, flat_parameters, lora_llama, train  # noqa: E402
 
 ACCUMULATION = 2
 #: name -> (head, case of tests.heads, overrides)
@@ -40,7 +40,11 @@ RUNS = {
     "bert-classification/lets-sam-bf16": ("bert-classification", "lets-sam", {"bf16": True, "dtype": torch.float32}),
 }
 #: FSDP2 units: each transformer layer (accelerate then gives the embeddings and the head units of their own).
-LAYERS = {"bert-classification": "BertLayer", "gpt2": "GPT2Block", "llama-lora": "LlamaDecoderLayer"}
+LAYERS = {
+    "bert-classification": "BertLayer", "gpt2": "GPT2Block", "llama-lora": "LlamaDecoderLayer", "llama-sft": "LlamaDecoderLayer",
+}
+#: TRL's SFTTrainer with LETS-SAM on a float32 tiny Llama and SST-2 sentences (tests.lm), compared with its own tolerance.
+SFT_RUN = "llama-sft/lets-sam"
 RESUMED = "bert-classification"
 
 
@@ -52,6 +56,9 @@ def fsdp2(head: str, state_dict_type: str = "FULL_STATE_DICT") -> dict:
 def equality_runs(cli, world: int) -> dict:
     results = {}
     for name in cli.runs.split(","):
+        if name == SFT_RUN:
+            results[name] = sft_run(cli, world)
+            continue
         head, case, overrides = RUNS[name]
         model = name.split("/")[0]
         overrides = {**overrides, **(fsdp2(model) if cli.mode == "fsdp2" else {})}  # else DDP or the launcher's FSDP
@@ -65,6 +72,36 @@ def equality_runs(cli, world: int) -> dict:
         run["parameter_type"] = type(next(run.pop("model").parameters())).__name__
         results[name] = run
     return results
+
+
+def sft_run(cli, world: int) -> dict:
+    from datasets import Dataset
+
+    from lets_hf.trl import LETSSFTConfig, LETSSFTTrainer
+    from tests.lm import sentences, tiny_llama, word_tokenizer
+
+    tokenizer = word_tokenizer()
+    args = LETSSFTConfig(
+        output_dir=str(Path(cli.out) / SFT_RUN), per_device_train_batch_size=GLOBAL_BATCH // world // ACCUMULATION,
+        gradient_accumulation_steps=ACCUMULATION, max_steps=3, learning_rate=0.1, optim="sgd",
+        lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, report_to="none", use_cpu=True,
+        save_strategy="no", disable_tqdm=True, max_length=32, seed=0, train_sampling_strategy="sequential",
+        bf16=False, gradient_checkpointing=False,  # TRL turns both on by default
+        dataset_num_proc=None, sam_variant="sam", rho=0.05, learn_rho=True, rho_batch_size=4 // world,
+        ddp_backend="gloo", **(fsdp2("llama-sft") if cli.mode == "fsdp2" else {}),
+    )
+    trainer = LETSSFTTrainer(
+        tiny_llama(tokenizer), args=args, train_dataset=Dataset.from_dict({"text": sentences(40)}),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        "theta": flat_parameters(trainer.model), "rho": trainer.rho, "world": args.world_size,
+        "parameter_type": type(next(trainer.model.parameters())).__name__,
+        "gen_gap": [entry["gen_gap"] for entry in logs if "gen_gap" in entry],
+        "num_tokens": [entry["num_tokens"] for entry in logs],
+    }
 
 
 def resume_runs(cli, world: int) -> dict:
@@ -102,7 +139,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--mode", choices=["ddp", "fsdp2", "accelerate_config"], required=True)
-    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--runs", default=",".join([*RUNS, SFT_RUN]))
     parser.add_argument("--resume", action="store_true", help="the resume runs instead (FSDP2 only)")
     parser.add_argument("--refused", help="with a LETS override KEY=VALUE: the trainer must refuse, naming this")
     parser.add_argument("--override", default="", help="KEY=VALUE of LETSConfig for --refused")
