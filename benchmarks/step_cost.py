@@ -8,8 +8,8 @@
 Each method runs in its own subprocess so that its peak memory is its own. Peak memory
 is the peak of live tensor bytes, comparable across devices: on CUDA
 `max_memory_allocated`; on CPU the allocator's own allocation/free stream, replayed from
-a `torch.profiler` trace of a separate run up to the first ρ update of any method measured
-(3 steps at least, the same for all; RSS would include glibc's caching).
+a `torch.profiler` trace of a separate run up to the method's first ρ update (3 steps at least;
+RSS would include glibc's caching).
 Step times come from a Trainer callback, in a run without the profiler. The measured
 window is 10 steps, so LETS with `rho_update_interval` 10 pays exactly one validation pass
 in it: the *mean* is the amortized cost, the *median* the cost of a step without ρ update. Ratios are to AdamW and to SAM, measured in one run.
@@ -62,8 +62,8 @@ MEMORY_STEPS = 3  # the profiled run: Adam state and SAM's backup exist from ste
 
 
 def memory_steps(methods: list[str]) -> int:
-    """Steps of every method's profiled run: up to the first ρ update of any learned ρ (u_t exists from
-    step k). The same for all, because under FSDP2 on CPU the peak grows with the steps of the run."""
+    """Steps of a profiled run: up to the first ρ update of `methods` (u_t exists from step k), 3 at least.
+    `--sharding` gives every method the same, because under FSDP2 on CPU the peak grows with the run."""
     return max(MEMORY_STEPS, *(METHODS[method].get("rho_update_interval", 0) + 1 for method in methods))
 
 
@@ -233,7 +233,7 @@ def run_all(cli) -> list[dict]:
         for method in cli.methods:
             one = [__file__, "--_one", method, "--model", cli.model, "--precision", cli.precision,
                    "--batch", str(cli.batch), "--length", str(cli.length),
-                   "--_profiled_steps", str(memory_steps(cli.methods))]
+                   "--_profiled_steps", str(memory_steps(cli.methods if sharding else [method]))]
             if sharding is None:
                 command = [sys.executable, *one]
             else:  # torchrun, so that one GPU still runs DDP and FSDP2 (over one rank)

@@ -43,7 +43,7 @@ class LETSArguments:
             `"global"`: ε from the gradient of the whole global batch (all accumulation
             micro-batches, all ranks), so N ranks equal one rank with N times the batch.
             `"local"`: each rank and micro-batch perturbs with its own gradient
-            (m-sharpness; no all-reduce in the first pass).
+            (m-sharpness; no all-reduce in the first pass; not under FSDP2).
         asam_eta (`float`, defaults to `0.01`):
             η in ASAM's T = |θ| + η.
 
@@ -61,7 +61,7 @@ class LETSArguments:
             ρ is projected onto [rho_min, rho_max] after each update.
         rho_hessian (`str`, defaults to `"diagonal"`):
             Hessian in the hypergradient: `"diagonal"` (diag(g̃²), the paper's, free),
-            `"exact"` (Hessian-vector product, one extra backward) or `"identity"`.
+            `"exact"` (Hessian-vector product, one extra backward; not under FSDP2) or `"identity"`.
         rho_update_interval (`int`, defaults to `1`):
             Update ρ every k optimizer steps; only those steps pay the validation pass.
         rho_batch_size (`int` or `None`, defaults to `None`):
@@ -113,7 +113,10 @@ class LETSArguments:
     )
     sam_scope: str = field(
         default="global",
-        metadata={"help": "'global': perturb with the whole global batch's gradient; 'local': per rank and micro-batch."},
+        metadata={
+            "help": "'global': perturb with the whole global batch's gradient; 'local': per rank and micro-batch "
+            "(not under FSDP2)."
+        },
     )
     asam_eta: float = field(default=0.01, metadata={"help": "ASAM's η in T = |θ| + η."})
     learn_rho: bool = field(
@@ -128,7 +131,10 @@ class LETSArguments:
     rho_max: float = field(default=10.0, metadata={"help": "Upper bound of ρ (projection)."})
     rho_hessian: str = field(
         default="diagonal",
-        metadata={"help": "Hessian in the hypergradient: 'diagonal' (squared gradients), 'exact' (HVP), 'identity'."},
+        metadata={
+            "help": "Hessian in the hypergradient: 'diagonal' (squared gradients), 'exact' (HVP; not under FSDP2), "
+            "'identity'."
+        },
     )
     rho_update_interval: int = field(default=1, metadata={"help": "Update ρ every k optimizer steps."})
     rho_batch_size: int | None = field(
