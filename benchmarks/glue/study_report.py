@@ -171,7 +171,8 @@ if __name__ == "__main__":
     parser.add_argument("--partial", action="store_true", help="label the table as partial (runs still to come)")
     cli = parser.parse_args()
     note = (
-        "**PARTIAL: the study is still running; cells with (n=k) have k of 3 seeds, '–' none yet. Wall times of "
-        "partial runs may include other load on the machine.**\n\n" if cli.partial else ""
+        "**PARTIAL: the study is still running; cells with (n=k) have k of 3 seeds, '–' none yet. Runs saved "
+        "before CPU time was recorded count wall time, which carried other load; the study runs them again.**\n\n"
+        if cli.partial else ""
     )
     print(write_study_report(Path(cli.out_dir), partial_note=note))
