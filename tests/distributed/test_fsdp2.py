@@ -11,6 +11,7 @@ import torch
 
 from tests.distributed.launch import launch
 from tests.distributed.train_fsdp2 import RUNS, SFT_RUN
+from tests.heads import STEPS
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE_CONFIG = HERE.parents[1] / "examples" / "accelerate_fsdp2.yaml"
@@ -50,6 +51,21 @@ def test_fsdp2_equals_ddp(ddp, fsdp2, run):
     assert sharded["normalization"] == whole["normalization"]
     if "/lets-" in run:
         assert len(sharded["gen_gap"]) == 2 and abs(sharded["rho"] - 0.05) > 1e-3  # ρ was learned
+
+
+#: Synced backward passes per optimizer step, besides one per ρ update (the validation gradient): SAM's
+#: first pass is reduce-scattered once for both micro-batches, then the second pass; BSAM adds a third.
+BACKWARDS_PER_STEP = {"sam": 2, "asam": 2, "lets-sam": 2, "lets-bisam": 2, "bsam": 3}
+
+
+@pytest.mark.parametrize("run", [run for run in EXACT_RUNS if run.split("/")[1] in BACKWARDS_PER_STEP])
+def test_fsdp2_reduces_each_pass_once(fsdp2, run):
+    """With accumulation 2, FSDP2 reduce-scatters each pass's gradient once per step, not once per
+    micro-batch; a ρ update adds the validation gradient (and BiSAM's ∇L_train)."""
+    sharded = fsdp2[0][run]
+    per_update = 2 if run.endswith("lets-bisam") else 1
+    backwards = STEPS * BACKWARDS_PER_STEP[run.split("/")[1]] + per_update * len(sharded["gen_gap"])
+    assert sharded["reduce_scatters"] == backwards * sharded["fsdp_units"]
 
 
 def test_fsdp2_equals_ddp_in_trl_sft(ddp, fsdp2):

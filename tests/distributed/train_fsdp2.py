@@ -53,11 +53,42 @@ def fsdp2(head: str, state_dict_type: str = "FULL_STATE_DICT") -> dict:
     return {"fsdp": True, "fsdp_config": config}
 
 
+class ReduceScatterCounter:
+    """Counts FSDP2's gradient reduce-scatters (one per FSDP unit and synced backward)."""
+
+    def __init__(self):
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+        self.module, self.original, self.count = _fsdp_param_group, _fsdp_param_group.foreach_reduce, 0
+
+        def counting(*args, **kwargs):
+            self.count += 1
+            return self.original(*args, **kwargs)
+
+        _fsdp_param_group.foreach_reduce = counting
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+def fsdp_units(model) -> int:
+    """FSDP2's parameter groups with trainable parameters, the ones that reduce-scatter gradients (accelerate
+    shards a tied embedding and the head as one group of several modules)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = {m._get_fsdp_state()._fsdp_param_group for m in model.modules() if isinstance(m, FSDPModule)}
+    return sum(1 for g in groups if g is not None and any(p.sharded_param.requires_grad for p in g.fsdp_params))
+
+
 def equality_runs(cli, world: int) -> dict:
     results = {}
+    counter = ReduceScatterCounter() if cli.mode == "fsdp2" else None
     for name in cli.runs.split(","):
         if name == SFT_RUN:
             results[name] = sft_run(cli, world)
+            if counter is not None:
+                counter.take()
             continue
         head, case, overrides = RUNS[name]
         model = name.split("/")[0]
@@ -69,7 +100,10 @@ def equality_runs(cli, world: int) -> dict:
             accumulation=ACCUMULATION, **overrides,
         )
         run["normalization"] = run["normalization"].kind
-        run["parameter_type"] = type(next(run.pop("model").parameters())).__name__
+        model = run.pop("model")
+        run["parameter_type"] = type(next(model.parameters())).__name__
+        if counter is not None:
+            run["reduce_scatters"], run["fsdp_units"] = counter.take(), fsdp_units(model)
         results[name] = run
     return results
 
