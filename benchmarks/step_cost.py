@@ -14,7 +14,7 @@ Step times come from a Trainer callback, in a run without the profiler. The meas
 window is 10 steps, so LETS with `rho_update_interval` 10 pays exactly one validation pass
 in it: the *mean* is the amortized cost, the *median* the cost of a step without ρ update. Ratios are to AdamW and to SAM, measured in one run.
 
-`--sharding ddp fsdp2` runs each method under `accelerate launch` on `--num_processes` processes
+`--sharding ddp fsdp2` runs each method under torchrun on `--num_processes` processes
 (default: the GPUs found, or 2 CPU processes over gloo) with DDP and with FSDP2, and reports the
 largest peak over ranks. FSDP2 on CPU goes through the test harness `tests/distributed/fsdp_on_cpu.py`
 (accelerate maps FSDP only on GPUs); one GPU is enough to exercise FSDP2's code path.

@@ -74,24 +74,36 @@ _SHARD_KEYS = ("local_shard", "global_shape", "global_stride", "shard_dim")
 def local_state(tree):
     """A LETS state tree with each FSDP2 `DTensor` replaced by its local shard (plain tensors and
     numbers that `torch.load(weights_only=True)` reads back); each rank saves its own."""
-    if isinstance(tree, DTensor):
-        return dict(zip(_SHARD_KEYS, (tree.to_local(), list(tree.shape), list(tree.stride()), tree.placements[0].dim)))
-    if isinstance(tree, dict):
-        return {key: local_state(value) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(local_state(value) for value in tree)
-    return tree
+
+    def local(leaf):
+        if not isinstance(leaf, DTensor):
+            return None
+        return dict(zip(_SHARD_KEYS, (leaf.to_local(), list(leaf.shape), list(leaf.stride()), leaf.placements[0].dim)))
+
+    return _map_tree(tree, local)
 
 
 def sharded_state(tree, mesh):
     """The inverse of `local_state` on this rank's `mesh` (the parameters' device mesh)."""
-    if isinstance(tree, dict) and set(tree) == set(_SHARD_KEYS):
+
+    def sharded(leaf):
+        if not (isinstance(leaf, dict) and set(leaf) == set(_SHARD_KEYS)):
+            return None
         return DTensor.from_local(
-            tree["local_shard"].to(mesh.device_type), mesh, [Shard(tree["shard_dim"])], run_check=False,
-            shape=torch.Size(tree["global_shape"]), stride=tuple(tree["global_stride"]),
+            leaf["local_shard"].to(mesh.device_type), mesh, [Shard(leaf["shard_dim"])], run_check=False,
+            shape=torch.Size(leaf["global_shape"]), stride=tuple(leaf["global_stride"]),
         )
+
+    return _map_tree(tree, sharded)
+
+
+def _map_tree(tree, convert):
+    """`tree` (dicts, lists, tuples) with each node that `convert` maps (to something other than `None`) replaced."""
+    converted = convert(tree)
+    if converted is not None:
+        return converted
     if isinstance(tree, dict):
-        return {key: sharded_state(value, mesh) for key, value in tree.items()}
+        return {key: _map_tree(value, convert) for key, value in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(sharded_state(value, mesh) for value in tree)
+        return type(tree)(_map_tree(value, convert) for value in tree)
     return tree

@@ -294,11 +294,17 @@ class LETSMixin:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(model)
 
+    def _synced_on_last(self, model, batches):
+        """Yields each of `batches` with gradient sync off but for the last: DDP's all-reduce (FSDP2's
+        reduce-scatter) then runs once, over the gradient accumulated from all of them."""
+        for i, batch in enumerate(batches):
+            with contextlib.nullcontext() if i == len(batches) - 1 else self.accelerator.no_sync(model):
+                yield batch
+
     def _second_passes(self, model, cached):
         """Descent gradient at the perturbed point; DDP all-reduces on the last micro-batch only."""
-        for i, (inputs, num_items_in_batch) in enumerate(cached):
-            last = i == len(cached) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(model), self.extra_pass():
+        for inputs, num_items_in_batch in self._synced_on_last(model, cached):
+            with self.extra_pass():
                 super().training_step(model, inputs, num_items_in_batch)
 
     def _min_side_passes(self, model, params):
@@ -538,10 +544,8 @@ class LETSMixin:
         kept = [p.grad for p in params]
         for p in params:
             p.grad = None
-        for i, (inputs, num_items) in enumerate(batches):
-            last = i == len(batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                loss_of(model, inputs, num_items).backward()
+        for inputs, num_items in self._synced_on_last(model, batches):
+            loss_of(model, inputs, num_items).backward()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         for p, grad in zip(params, kept):
             p.grad = grad

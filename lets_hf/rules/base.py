@@ -3,7 +3,7 @@
 A rule turns the first-pass gradient g into a direction d, in place, so that the
 perturbation is ε = ρ·d (linear in ρ, which is what the LETS hypergradient needs).
 Rules know nothing about Trainer, devices or ranks: they see lists of tensors (whole, or FSDP2's
-shards) and take norms with `lets_hf.reductions`.
+shards) and take norms with `lets_hf.tensor_lists`.
 """
 
 from __future__ import annotations
