@@ -30,6 +30,7 @@ RUNS = {
     "bert-classification/asam": ("bert-classification", "sam", {"sam_variant": "asam", "rho": 0.5}),
     "bert-classification/lets-sam": ("bert-classification", "lets-sam", {}),
     "gpt2/lets-sam": ("gpt2", "lets-sam", {}),
+    "bert-regression/lets-sam": ("bert-regression", "lets-sam", {}),
     "bert-classification/lets-bisam": ("bert-classification", "lets-sam", {"sam_variant": "bisam"}),
     "bert-classification/bsam": ("bert-classification", "sam", {"sam_variant": "bsam"}),
     "bert-classification/lets-lightsam-adagrad": ("bert-classification", "lets-sam", {"sam_variant": "lightsam-adagrad", "rho_lr": 1.0}),
@@ -41,7 +42,7 @@ RUNS = {
 }
 #: FSDP2 units: each transformer layer (accelerate then gives the embeddings and the head units of their own).
 LAYERS = {
-    "bert-classification": "BertLayer", "gpt2": "GPT2Block", "llama-lora": "LlamaDecoderLayer", "llama-sft": "LlamaDecoderLayer",
+    "bert-classification": "BertLayer", "bert-regression": "BertLayer", "gpt2": "GPT2Block", "llama-lora": "LlamaDecoderLayer", "llama-sft": "LlamaDecoderLayer",
 }
 #: TRL's SFTTrainer with LETS-SAM on a float32 tiny Llama and SST-2 sentences (tests.lm), compared with its own tolerance.
 SFT_RUN = "llama-sft/lets-sam"
