@@ -316,9 +316,7 @@ def main(argv=None) -> None:
             settings = run_settings(profile, task_name)
             for method in methods:
                 path = run_path(out_dir, task_name, method, seed)
-                saved = load_finished(path, settings)
-                # The study compares CPU time: a run saved before CPU time was recorded runs again.
-                if saved is not None and ("cpu_time_s" in saved or not args.profile.startswith("study")):
+                if load_finished(path, settings) is not None:
                     continue
                 if task_name not in prepared:
                     prepared[task_name] = prepare_task(task_name, profile, data_dir)

@@ -39,3 +39,27 @@ def test_a_typo_in_a_method_is_refused_before_any_run(tmp_path):
     done = run("--profile", "smoke", "--methods", "adamw", "sma@0.1", "--out_dir", str(tmp_path))
     assert done.returncode != 0 and "Unknown method 'sma@0.1'" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_cpu_column_takes_each_cells_median_and_the_oracle_pays_for_the_whole_grid(tmp_path):
+    """Synthetic saved runs (no training): per task the median CPU over seeds, so one run slowed by other
+    work does not move it; the oracle row's CPU is every grid point's; a cell that never recorded CPU shows '–'."""
+    cpu = {"adamw": (60, 60, 600), "sam@0.01": (120, 120, 120), "sam@0.02": (180, 1800, 180), "lets-sam": None}
+    accuracy = {"adamw": 0.80, "sam@0.01": 0.81, "sam@0.02": 0.83, "lets-sam": 0.82}
+    for method, seconds in cpu.items():
+        for seed in range(3):
+            record = {"task": "sst2", "method": method, "seed": seed, "settings": {}, "wall_time_s": 1.0,
+                      "metrics": {"eval_accuracy": accuracy[method]}, "final_rho": 0.05, "log_history": []}
+            if seconds is not None:
+                record["cpu_time_s"] = seconds[seed]
+            path = tmp_path / "runs" / "sst2" / method / f"seed{seed}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record))
+    script = REPO / "benchmarks" / "glue" / "study_report.py"
+    done = subprocess.run([sys.executable, str(script), "--out_dir", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[-1].strip(" |")
+            for line in (tmp_path / "study.md").read_text().splitlines() if line.startswith("| ")}
+    assert rows["adamw"] == "1" and rows["sam@0.01"] == "2" and rows["sam@0.02"] == "3"
+    assert rows["oracle SAM"] == "5"  # ρ 0.02 picked, and the grid's 2 + 3 CPU-minutes paid for it
+    assert rows["lets-sam"] == "–"
