@@ -1,12 +1,15 @@
 """Per-run result files shared by the benchmark scripts: one JSON per (dataset, method, seed).
 
 A finished run is skipped when the benchmark is restarted; a run saved with other settings
-is an error, never a silent mix of configurations in one table.
+is an error, never a silent mix of configurations in one table. Several workers can share one
+output folder: each run is claimed before it starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 
@@ -25,6 +28,43 @@ def load_finished(path: Path, settings: dict) -> dict | None:
             "Use another --out_dir, or delete the old runs to replace them."
         )
     return saved
+
+
+@contextlib.contextmanager
+def claimed(path: Path):
+    """Yields whether this process owns the run saved at `path` (True) or another live worker does (False).
+
+    The claim is a file beside the run holding the owner's PID, created atomically; one left by a
+    process that died (a killed worker) is taken over, so a restarted benchmark resumes every run.
+    """
+    claim = path.with_suffix(".claim")
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if _alive(claim.read_text()):
+            yield False
+            return
+        claim.write_text(str(os.getpid()))
+    else:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+    try:
+        yield True
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def _alive(pid: str) -> bool:
+    if not pid:  # created this instant, PID not written yet
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def load_runs(out_dir: Path) -> list[dict]:

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import datasets
+import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding, set_seed
 from transformers.utils import logging as hf_logging
 
@@ -36,7 +37,7 @@ from lets_hf.tasks.glue import get_task, load_glue, load_model, make_compute_met
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from report import write_report  # noqa: E402  (sibling script, not a package)
 from study_report import write_study_report  # noqa: E402
-from saved_runs import load_finished, run_path  # noqa: E402
+from saved_runs import claimed, load_finished, run_path  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
@@ -289,6 +290,7 @@ def train_one(task, model_path, tokenizer, encoded, profile: Profile, method: st
         "train_runtime_s": train_metrics["train_runtime"],
         "wall_time_s": time.perf_counter() - start,
         "cpu_time_s": time.process_time() - cpu_start,
+        "threads": torch.get_num_threads(),
         "train_examples": len(trainer.train_dataset),
         "rho_examples": len(trainer.rho_dataset) if trainer.rho_dataset is not None else 0,
         "steps": trainer.state.global_step,
@@ -318,13 +320,16 @@ def main(argv=None) -> None:
                 path = run_path(out_dir, task_name, method, seed)
                 if load_finished(path, settings) is not None:
                     continue
-                if task_name not in prepared:
-                    prepared[task_name] = prepare_task(task_name, profile, data_dir)
-                result = train_one(*prepared[task_name], profile, method, seed)
-                record = {"task": task_name, "method": method, "seed": seed, "settings": settings, **result}
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-                path.with_suffix(".tmp").replace(path)  # never a half-written run file
+                with claimed(path) as mine:
+                    # Another worker on this out_dir runs it, or finished it since the check above.
+                    if not mine or load_finished(path, settings) is not None:
+                        continue
+                    if task_name not in prepared:
+                        prepared[task_name] = prepare_task(task_name, profile, data_dir)
+                    result = train_one(*prepared[task_name], profile, method, seed)
+                    record = {"task": task_name, "method": method, "seed": seed, "settings": settings, **result}
+                    path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
+                    path.with_suffix(".tmp").replace(path)  # never a half-written run file
                 print(
                     f"{task_name} {method} seed{seed}: {result['metrics']} steps {result['steps']} "
                     f"rho {result['final_rho']:.4g} wall {result['wall_time_s']:.0f}s",

@@ -43,15 +43,14 @@ def test_a_typo_in_a_method_is_refused_before_any_run(tmp_path):
 
 def test_cpu_column_takes_each_cells_median_and_the_oracle_pays_for_the_whole_grid(tmp_path):
     """Synthetic saved runs (no training): per task the median CPU over seeds, so one run slowed by other
-    work does not move it; the oracle row's CPU is every grid point's; a cell that never recorded CPU shows '–'."""
-    cpu = {"adamw": (60, 60, 600), "sam@0.01": (120, 120, 120), "sam@0.02": (180, 1800, 180), "lets-sam": None}
+    work does not move it; the oracle row's CPU is every grid point's; a cell without one-thread CPU times shows '–'."""
+    cpu = {"adamw": (60, 60, 600), "sam@0.01": (120, 120, 120), "sam@0.02": (180, 1800, 180), "lets-sam": (9, 9, 9)}
     accuracy = {"adamw": 0.80, "sam@0.01": 0.81, "sam@0.02": 0.83, "lets-sam": 0.82}
     for method, seconds in cpu.items():
         for seed in range(3):
             record = {"task": "sst2", "method": method, "seed": seed, "settings": {}, "wall_time_s": 1.0,
                       "metrics": {"eval_accuracy": accuracy[method]}, "final_rho": 0.05, "log_history": []}
-            if seconds is not None:
-                record["cpu_time_s"] = seconds[seed]
+            record.update(cpu_time_s=seconds[seed], threads=2 if method == "lets-sam" else 1)
             path = tmp_path / "runs" / "sst2" / method / f"seed{seed}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record))
@@ -63,3 +62,21 @@ def test_cpu_column_takes_each_cells_median_and_the_oracle_pays_for_the_whole_gr
     assert rows["adamw"] == "1" and rows["sam@0.01"] == "2" and rows["sam@0.02"] == "3"
     assert rows["oracle SAM"] == "5"  # ρ 0.02 picked, and the grid's 2 + 3 CPU-minutes paid for it
     assert rows["lets-sam"] == "–"
+
+
+def test_workers_sharing_an_out_dir_skip_runs_claimed_by_a_live_worker_and_take_over_a_dead_ones(tmp_path):
+    """Two workers share the study (one thread each): a run is claimed by a PID file before it starts."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    claims = {"adamw": dead.pid, "sam@0.02": os.getpid()}  # a killed worker's claim, a live worker's claim
+    for method, pid in claims.items():
+        claim = tmp_path / "runs" / "sst2" / method / "seed0.claim"
+        claim.parent.mkdir(parents=True)
+        claim.write_text(str(pid))
+    done = run("--profile", "smoke", "--methods", *claims, "--seeds", "0",
+               "--data_dir", str(REPO / "examples" / "data" / "glue"), "--out_dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    adamw, sam = (tmp_path / "runs" / "sst2" / method for method in claims)
+    assert (adamw / "seed0.json").is_file() and not (adamw / "seed0.claim").exists()  # taken over, run, released
+    assert not (sam / "seed0.json").exists() and (sam / "seed0.claim").read_text() == str(os.getpid())
+    assert json.loads((adamw / "seed0.json").read_text())["threads"] == 1  # run() sets OMP_NUM_THREADS=1
