@@ -73,13 +73,45 @@ def _cell(values: list[float], seeds: int) -> str:
     return f"{np.mean(values):.1f} ± {std:.1f}" + (f" (n={len(values)})" if len(values) < seeds else "")
 
 
-def _mean_cpu(cell: dict) -> float:
+def _cpu_per_run(cell: dict) -> float:
     """CPU seconds of one run of this cell: the median over the runs that recorded it (NaN if none did).
 
     The median, because a run that shared the 2 cores with other work spends more CPU time too
     (torch's threads spin while they wait): MRPC's SAM took 830 CPU-s alone and 1,190 beside a test run.
     """
     return float(np.median(cell["cpu"])) if cell["cpu"] else float("nan")
+
+
+#: The reading's comparisons, (a, b): a − b per seed, where both ran.
+COMPARISONS = (("lets-sam", ORACLE), ("lets-sam", "adamw"), (ORACLE, "adamw"), ("lets-asam", "adamw"))
+
+
+def _seed_scores(table: dict, task: str, method: str, picks: dict) -> dict[int, float]:
+    cell = table[task].get(picks.get(task) if method == ORACLE else method)
+    return {run["seed"]: score for run, score in zip(cell["runs"], cell["score"])} if cell else {}
+
+
+def reading(table: dict, picks: dict) -> list[str]:
+    """The README's questions per task: score differences paired by seed (same data order and head
+    initialization), mean ± std over seeds, and what the grid costs against one LETS-SAM run."""
+    names = {ORACLE: "oracle", "lets-sam": "LETS-SAM", "lets-asam": "LETS-ASAM", "adamw": "AdamW"}
+    header = ["task", *(f"{names[a]} − {names[b]}" for a, b in COMPARISONS), "LETS-SAM final ρ", "grid CPU / LETS-SAM CPU"]
+    lines = ["Reading: differences of dev score ×100 paired by seed, mean ± std over the seeds both ran (n).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in (t for t in TASKS if t in table):
+        cells = [TASK_TITLES.get(task, task)]
+        for a, b in COMPARISONS:
+            first, second = _seed_scores(table, task, a, picks), _seed_scores(table, task, b, picks)
+            diffs = [first[seed] - second[seed] for seed in sorted(first.keys() & second.keys())]
+            std = f" ± {np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
+            cells.append(f"{np.mean(diffs):+.1f}{std} (n={len(diffs)})" if diffs else "–")
+        lets = table[task].get("lets-sam")
+        cells.append(f"{np.mean(lets['final_rho']):.3g}" if lets else "–")
+        grid_cpu = sum(_cpu_per_run(table[task][m]) for m in table[task] if m.startswith("sam@"))
+        ratio = grid_cpu / _cpu_per_run(lets) if lets else float("nan")
+        cells.append("–" if np.isnan(ratio) else f"{ratio:.1f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def markdown(table: dict, seeds: int) -> str:
@@ -105,12 +137,13 @@ def markdown(table: dict, seeds: int) -> str:
             if cell:
                 means.append(np.mean(cell["score"]))
                 grid = [m for m in table[task] if m.startswith("sam@")] if row == ORACLE else [method]
-                cpu.append(sum(_mean_cpu(table[task][m]) for m in grid))
+                cpu.append(sum(_cpu_per_run(table[task][m]) for m in grid))
         average = f"{np.mean(means):.1f}" if len(means) == len(STUDY_TASKS) else "–"  # only over every study task
         total_cpu = f"{sum(cpu) / 60:.0f}" if cpu and not np.isnan(sum(cpu)) else "–"
         lines.append("| " + " | ".join(cells + [average, total_cpu]) + " |")
     lines += ["", f"{ORACLE}: the grid's best ρ per task on dev, its CPU the whole grid's: "
               + ", ".join(f"{TASK_TITLES.get(t, t)} ρ = {rho_of(picks[t]):g}" for t in tasks if t in picks) + "."]
+    lines += ["", *reading(table, picks)]
     lines += ["", f"Floor (AdamW must clear it, seed std ≤ {MAX_SEED_STD:g}):", "",
               "| task | floor | AdamW | std | met |", "|---|---|---|---|---|"]
     for task in tasks:
