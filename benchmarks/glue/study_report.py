@@ -32,10 +32,10 @@ PRIMARY = {"sst2": "accuracy", "mrpc": "accuracy", "stsb": "pearson", "rte": "ac
 FLOOR = {"sst2": 60.9, "mrpc": 78.4, "stsb": 10.0, "rte": 56.7, "cola": 20.0}
 MAX_SEED_STD = 3.0
 ORACLE = "oracle SAM"
-#: The study runs two workers of one thread each on 2 cores (`OMP_NUM_THREADS=1`): 25% more runs per hour than one
-#: 2-thread process and 16% less CPU time per run (SST-2 AdamW: 230 CPU-s against 275), the same scores (bit-identical
-#: there). CPU time is compared only between such runs; the first runs (2 threads, or no CPU time recorded) keep
-#: their scores.
+#: The study runs two workers of one thread each on 2 cores (`OMP_NUM_THREADS=1`): SST-2's SAM took 464 s per run
+#: two at a time (232 s per run) and 456 CPU-s, against 266 s and 523 CPU-s for one 2-thread process; the scores do
+#: not depend on it (SST-2 AdamW bit-identical). CPU time is compared only between such runs; the first runs
+#: (2 threads, or no CPU time recorded) keep their scores.
 CPU_THREADS = 1
 
 
