@@ -86,3 +86,21 @@ def test_workers_sharing_an_out_dir_skip_runs_claimed_by_a_live_worker_and_take_
     assert (adamw / "seed0.json").is_file() and not (adamw / "seed0.claim").exists()  # taken over, run, released
     assert not (sam / "seed0.json").exists() and (sam / "seed0.claim").read_text() == str(os.getpid())
     assert json.loads((adamw / "seed0.json").read_text())["threads"] == 1  # run() sets OMP_NUM_THREADS=1
+
+
+def test_study_runs_task_by_task_with_every_adamw_seed_first():
+    """A task's floor check (AdamW over all seeds) comes before its grid; other profiles go seed by seed."""
+    code = (
+        "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; import json, run; "
+        "print(json.dumps([run.run_order(p, ['sst2', 'mrpc'], ['adamw', 'sam@0.01', 'lets-sam'], [0, 1]) "
+        "for p in ('study', 'default')]))"
+    )
+    benchmarks = REPO / "benchmarks"
+    done = subprocess.run([sys.executable, "-c", code, str(benchmarks / "glue"), str(benchmarks)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study, default = json.loads(done.stdout)
+    assert study[:6] == [["sst2", "adamw", 0], ["sst2", "adamw", 1], ["sst2", "sam@0.01", 0],
+                         ["sst2", "lets-sam", 0], ["sst2", "sam@0.01", 1], ["sst2", "lets-sam", 1]]
+    assert study[6] == ["mrpc", "adamw", 0] and len(study) == 12
+    assert default[:4] == [["sst2", "adamw", 0], ["sst2", "sam@0.01", 0], ["sst2", "lets-sam", 0], ["mrpc", "adamw", 0]]
