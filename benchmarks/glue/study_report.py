@@ -82,6 +82,10 @@ def _cpu_per_run(cell: dict) -> float:
     return float(np.median(cell["cpu"])) if cell["cpu"] else float("nan")
 
 
+def _minutes(seconds: float, digits: int = 0) -> str:
+    return "–" if np.isnan(seconds) else f"{seconds / 60:.{digits}f}"
+
+
 #: The reading's comparisons, (a, b): a − b per seed, where both ran.
 COMPARISONS = (("lets-sam", ORACLE), ("lets-sam", "adamw"), (ORACLE, "adamw"), ("lets-asam", "adamw"))
 
@@ -128,8 +132,9 @@ def markdown(table: dict, seeds: int) -> str:
         "| " + " | ".join(header + ["average", "CPU (min)"]) + " |",
         "|" + "---|" * (len(header) + 2),
     ]
+    cpu_per_run = {}  # row -> task -> CPU seconds of one run (the oracle's: the whole grid)
     for row in rows:
-        cells, means, cpu = [row], [], []
+        cells, means, cpu = [row], [], cpu_per_run.setdefault(row, {})
         for task in tasks:
             method = picks.get(task) if row == ORACLE else row
             cell = table[task].get(method) if method else None
@@ -137,12 +142,21 @@ def markdown(table: dict, seeds: int) -> str:
             if cell:
                 means.append(np.mean(cell["score"]))
                 grid = [m for m in table[task] if m.startswith("sam@")] if row == ORACLE else [method]
-                cpu.append(sum(_cpu_per_run(table[task][m]) for m in grid))
+                cpu[task] = sum(_cpu_per_run(table[task][m]) for m in grid)
         average = f"{np.mean(means):.1f}" if len(means) == len(STUDY_TASKS) else "–"  # only over every study task
-        total_cpu = f"{sum(cpu) / 60:.0f}" if cpu and not np.isnan(sum(cpu)) else "–"
-        lines.append("| " + " | ".join(cells + [average, total_cpu]) + " |")
+        lines.append("| " + " | ".join(cells + [average, _minutes(sum(cpu.values()) if cpu else np.nan)]) + " |")
     lines += ["", f"{ORACLE}: the grid's best ρ per task on dev, its CPU the whole grid's: "
               + ", ".join(f"{TASK_TITLES.get(t, t)} ρ = {rho_of(picks[t]):g}" for t in tasks if t in picks) + "."]
+    lines += ["", "CPU minutes of one run (one thread, median over seeds; the oracle's: the whole grid):", "",
+              "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+    lines += [f"| {row} | " + " | ".join(_minutes(cpu_per_run[row].get(t, np.nan), 1) for t in tasks) + " |"
+              for row in rows]
+    runs = [(cell, len(cell["runs"])) for task in tasks for cell in table[task].values()]
+    total = sum(_cpu_per_run(cell) * count for cell, count in runs)
+    lines += ["", f"CPU time of the {sum(c for _, c in runs)} runs saved: " + (
+        f"{total / 3600:.1f} CPU-hours" if not np.isnan(total) else "– (a cell has no one-thread run yet)")
+              + " (each run counted at its cell's one-thread median: the first runs used 2 threads or shared the"
+              " machine)."]
     lines += ["", *reading(table, picks)]
     lines += ["", f"Floor (AdamW must clear it, seed std ≤ {MAX_SEED_STD:g}):", "",
               "| task | floor | AdamW | std | met |", "|---|---|---|---|---|"]
@@ -200,6 +214,8 @@ def plot_score_vs_rho(table: dict, path: Path) -> None:
         if "adamw" in table[task]:
             ax.axhline(np.mean(table[task]["adamw"]["score"]), color="grey", ls=":", label="AdamW")
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks([r for r, _ in grid], labels=[f"{r:g}" for r, _ in grid])
 
     if tasks:
         _task_panels(tasks, draw, "ρ", "dev score ×100", path)

@@ -41,33 +41,48 @@ def test_a_typo_in_a_method_is_refused_before_any_run(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_study_report_cpu_column_and_reading_from_synthetic_runs(tmp_path):
+def _save_synthetic_run(out_dir, method: str, seed: int, accuracy: float, cpu_time_s: float, threads: int):
+    record = {"task": "sst2", "method": method, "seed": seed, "settings": {}, "wall_time_s": 1.0,
+              "metrics": {"eval_accuracy": accuracy}, "final_rho": 0.05, "log_history": [],
+              "cpu_time_s": cpu_time_s, "threads": threads}
+    path = out_dir / "runs" / "sst2" / method / f"seed{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def _study_report(out_dir) -> list[str]:
+    script = REPO / "benchmarks" / "glue" / "study_report.py"
+    done = subprocess.run([sys.executable, str(script), "--out_dir", str(out_dir)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return (out_dir / "study.md").read_text().splitlines()
+
+
+def test_study_report_cpu_and_reading_from_synthetic_runs(tmp_path):
     """Synthetic saved runs (no training). CPU: per task the median over seeds, so one run slowed by other work
-    does not move it; the oracle row pays for the whole grid; a cell without one-thread CPU times shows '–'.
-    Reading: score differences paired by seed, and the grid's CPU against one LETS-SAM run."""
+    does not move it; the oracle pays for the whole grid; two-thread runs are not compared ('–' until a cell has
+    a one-thread run). Reading: score differences paired by seed, and the grid's CPU against one LETS-SAM run."""
     cpu = {"adamw": (60, 60, 600), "sam@0.01": (120, 120, 120), "sam@0.02": (180, 1800, 180),
-           "lets-sam": (60, 60, 60), "lets-asam": (9, 9, 9)}
+           "lets-sam": (60, 60, 60), "lets-asam": (30, 30, 30)}
     accuracy = {"adamw": (0.80, 0.81, 0.82), "sam@0.01": (0.81,) * 3, "sam@0.02": (0.83, 0.84, 0.85),
                 "lets-sam": (0.82, 0.82, 0.82), "lets-asam": (0.80,) * 3}
     for method, seconds in cpu.items():
         for seed in range(3):
-            record = {"task": "sst2", "method": method, "seed": seed, "settings": {}, "wall_time_s": 1.0,
-                      "metrics": {"eval_accuracy": accuracy[method][seed]}, "final_rho": 0.05, "log_history": [],
-                      "cpu_time_s": seconds[seed], "threads": 2 if method == "lets-asam" else 1}
-            path = tmp_path / "runs" / "sst2" / method / f"seed{seed}.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record))
-    script = REPO / "benchmarks" / "glue" / "study_report.py"
-    done = subprocess.run([sys.executable, str(script), "--out_dir", str(tmp_path)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    study = (tmp_path / "study.md").read_text()
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[-1].strip(" |")
-            for line in study.splitlines() if line.startswith("| ")}
-    assert rows["adamw"] == "1" and rows["sam@0.01"] == "2" and rows["sam@0.02"] == "3"
-    assert rows["oracle SAM"] == "5"  # ρ 0.02 picked, and the grid's 2 + 3 CPU-minutes paid for it
-    assert rows["lets-asam"] == "–"  # two-thread runs: their CPU time is not compared
+            threads = 2 if method == "lets-asam" else 1
+            _save_synthetic_run(tmp_path, method, seed, accuracy[method][seed], seconds[seed], threads)
+    lines = _study_report(tmp_path)
+    # The table (CPU minutes of one seed), the per-run CPU table, the reading, the total.
+    assert "| adamw | 81.0 ± 1.0 | – | 1 |" in lines and "| sam@0.02 | 84.0 ± 1.0 | – | 3 |" in lines
+    assert "| oracle SAM | 84.0 ± 1.0 | – | 5 |" in lines  # ρ 0.02 picked, and the grid's 2 + 3 CPU-minutes
+    assert "| lets-asam | 80.0 ± 0.0 | – | – |" in lines and "| lets-asam | – |" in lines
+    assert "| oracle SAM | 5.0 |" in lines and "| lets-sam | 1.0 |" in lines
     # LETS-SAM − oracle per seed: -1, -2, -3; − AdamW: +2, +1, 0; oracle − AdamW: +3 each; grid 300 s / LETS 60 s.
-    assert "| SST-2 | -2.0 ± 1.0 (n=3) | +1.0 ± 1.0 (n=3) | +3.0 ± 0.0 (n=3) | -1.0 ± 1.0 (n=3) | 0.05 | 5.0x |" in study
+    assert "| SST-2 | -2.0 ± 1.0 (n=3) | +1.0 ± 1.0 (n=3) | +3.0 ± 0.0 (n=3) | -1.0 ± 1.0 (n=3) | 0.05 | 5.0x |" in lines
+    assert any(line.startswith("CPU time of the 15 runs saved: – ") for line in lines)
+    _save_synthetic_run(tmp_path, "lets-asam", 2, 0.80, 30, threads=1)  # now every cell has a one-thread run
+    lines = _study_report(tmp_path)
+    assert "| lets-asam | 0.5 |" in lines
+    # Each run at its cell's median: 3 × (60 + 120 + 180 + 60 + 30) s = 0.375 h.
+    assert any(line.startswith("CPU time of the 15 runs saved: 0.4 CPU-hours") for line in lines)
 
 
 def test_workers_sharing_an_out_dir_skip_runs_claimed_by_a_live_worker_and_take_over_a_dead_ones(tmp_path):
