@@ -11,6 +11,11 @@ in that table (tasks below their floor, tried with more data or epochs) were run
         --max_train_samples 0 --seeds 0 --out_dir benchmarks/results/glue-study/lr-sweep/cola-all-lr1e-4
     python benchmarks/glue/run.py --profile study --methods adamw --tasks rte --learning_rate 3e-5 \
         --num_train_epochs 5 --seeds 0 --out_dir benchmarks/results/glue-study/lr-sweep/rte-lr3e-5-5ep
+    python benchmarks/glue/run.py --profile study --methods adamw --tasks mrpc --num_train_epochs 3 \
+        --seeds 0 1 2 --out_dir benchmarks/results/glue-study/lr-sweep/mrpc-lr2e-4-3ep
+
+`mrpc-lr2e-4-2ep` holds the study's first MRPC AdamW runs (3 seeds at 2 epochs, the budget before
+that follow-up: below the floor on average).
 """
 
 from __future__ import annotations
@@ -63,16 +68,18 @@ def follow_ups() -> str:
     lines = []
     folders = [p for p in OUT.iterdir() if p.is_dir() and not p.name.startswith("lr") and any(p.glob("runs/*/*/*.json"))]
     for folder in sorted(folders):
-        for r in load_runs(folder):
-            task, settings = r["task"], r["settings"]
-            score = 100 * r["metrics"][f"eval_{PRIMARY[task]}"]
-            lines.append(
-                f"| {TASK_TITLES.get(task, task)} | {FLOOR[task]:g} | {settings['learning_rate']:g} | "
-                f"{settings['train_samples'] or 'all'} | {settings['epochs']:g} | {score:.1f} |"
-            )
+        runs = load_runs(folder)
+        task, settings = runs[0]["task"], runs[0]["settings"]  # one task and setting per folder
+        scores = [100 * r["metrics"][f"eval_{PRIMARY[task]}"] for r in runs]
+        score = f"{np.mean(scores):.1f}" + (f" ± {np.std(scores, ddof=1):.1f}" if len(scores) > 1 else "")
+        lines.append(
+            f"| {TASK_TITLES.get(task, task)} | {FLOOR[task]:g} | {settings['learning_rate']:g} | "
+            f"{settings['train_samples'] or 'all'} | {settings['epochs']:g} | {len(scores)} | {score} |"
+        )
     if not lines:
         return ""
-    header = ["", "Follow-ups:", "", "| task | floor | lr | train examples | epochs | score |", "|---|---|---|---|---|---|"]
+    header = ["", "Follow-ups (mean ± std over seeds):", "",
+              "| task | floor | lr | train examples | epochs | seeds | score |", "|---|---|---|---|---|---|---|"]
     return "\n".join(header + lines) + "\n"
 
 
