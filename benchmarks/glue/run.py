@@ -125,7 +125,7 @@ PROFILES["cpu-full"] = dataclasses.replace(
 # lr 1e-4 80.1 ± 2.5: the study takes the latter, the cheapest budget that meets both bounds (lr-sweep follow-ups);
 # CoLA reached MCC 18.5 at most on 4,000 examples and 30.8 on all 8,551 (3 epochs, lr 1e-4), so it trains on all.
 # RTE stays below its floor (56.7) at every lr of the sweep (54.9, 54.9, 49.1); 5 epochs at lr 3e-5 reach 57.8
-# (one seed), but at 10 min per AdamW run, which would take the study from ~8 to ~16 CPU-hours: RTE is defined
+# (one seed), but at 10 min per AdamW run, which would add ~11 CPU-hours to the study's ~22: RTE is defined
 # here but left out of the default tasks (run it with --tasks rte).
 # LETS updates ρ every 5th step (about 1.1x SAM's cost per run).
 PROFILES["study"] = Profile(
