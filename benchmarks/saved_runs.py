@@ -30,6 +30,13 @@ def load_finished(path: Path, settings: dict) -> dict | None:
     return saved
 
 
+def save_run(path: Path, record: dict) -> None:
+    """Writes the run's JSON beside it first and then renames it: never a half-written run file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+
+
 @contextlib.contextmanager
 def claimed(path: Path):
     """Yields whether this process owns the run saved at `path` (True) or another live worker does (False).
@@ -53,6 +60,19 @@ def claimed(path: Path):
         yield True
     finally:
         claim.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def to_run(path: Path, settings: dict):
+    """Yields whether this process makes the run saved at `path`: it is not saved yet and no live worker has it.
+
+    Checked again once claimed: another worker may have finished it meanwhile.
+    """
+    if load_finished(path, settings) is not None:
+        yield False
+        return
+    with claimed(path) as mine:
+        yield mine and load_finished(path, settings) is None
 
 
 def _alive(pid: str) -> bool:

@@ -3,8 +3,9 @@
 Every (task, method, seed) runs in this process through `LETSTrainer` and is saved as
 `<out_dir>/runs/<task>/<method>/seed<k>.json` (settings, dev metrics, wall time, training
 log with ρ and the generalization gap). A finished run whose saved settings match is
-skipped, so an interrupted benchmark resumes where it stopped; `report.py` rebuilds the
-table and plots from those files alone.
+skipped, so an interrupted benchmark resumes where it stopped; several workers can share one
+--out_dir (each run is claimed before it starts). `report.py` rebuilds the table and plots from
+those files alone.
 
 Profiles fix one hyperparameter set per task, shared by all methods (see PROFILES). A method is a
 `--method` preset, optionally with a fixed radius: `sam@0.02` is SAM with ρ = 0.02.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import sys
 import tempfile
 import time
@@ -38,7 +38,7 @@ from lets_hf.tasks.glue import get_task, load_glue, load_model, make_compute_met
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from report import write_report  # noqa: E402  (sibling script, not a package)
 from study_report import write_study_report  # noqa: E402
-from saved_runs import claimed, load_finished, run_path  # noqa: E402
+from saved_runs import run_path, save_run, to_run  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
@@ -332,18 +332,14 @@ def main(argv=None) -> None:
     for task_name, method, seed in run_order(args.profile, tasks, methods, args.seeds):
         settings = run_settings(profile, task_name)
         path = run_path(out_dir, task_name, method, seed)
-        if load_finished(path, settings) is not None:
-            continue
-        with claimed(path) as mine:
-            # Another worker on this out_dir runs it, or finished it since the check above.
-            if not mine or load_finished(path, settings) is not None:
+        with to_run(path, settings) as mine:
+            if not mine:
                 continue
             if task_name not in prepared:
                 prepared[task_name] = prepare_task(task_name, profile, data_dir)
             result = train_one(*prepared[task_name], profile, method, seed)
             record = {"task": task_name, "method": method, "seed": seed, "settings": settings, **result}
-            path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-            path.with_suffix(".tmp").replace(path)  # never a half-written run file
+            save_run(path, record)
         print(
             f"{task_name} {method} seed{seed}: {result['metrics']} steps {result['steps']} "
             f"rho {result['final_rho']:.4g} wall {result['wall_time_s']:.0f}s",

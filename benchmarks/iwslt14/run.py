@@ -4,7 +4,8 @@ Every (dataset, method, seed) is one in-process call of `lets_hf.tasks.iwslt14.m
 with its own output dir `<out_dir>/runs/<dataset>/<method>/seed<k>/`; its results (BLEU,
 wall time, training log with losses and ρ) are then saved as `.../seed<k>.json`. A finished
 run whose saved settings match is skipped, so an interrupted benchmark resumes where it
-stopped; `report.py` rebuilds the table and curves from those files alone.
+stopped; several workers can share one --out_dir (each run is claimed before it starts).
+`report.py` rebuilds the table and curves from those files alone.
 
     python benchmarks/iwslt14/run.py                   # cpu: IWSLT'14 subset + Multi30k, ~2 h on 2 cores
     python benchmarks/iwslt14/run.py --profile paper --data_dir /path/to/iwslt14   # full recipe (GPU)
@@ -32,7 +33,7 @@ from lets_hf.tasks.iwslt14.prepare import LANGS, lowercase, moses_tokenize, read
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from report import write_report  # noqa: E402  (sibling script, not a package)
-from saved_runs import load_finished, run_path  # noqa: E402
+from saved_runs import run_path, save_run, to_run  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -176,6 +177,18 @@ def resolve_data_dir(name: str, dataset: Dataset, args: argparse.Namespace) -> P
     return Path(dataset.data_dir)
 
 
+def train_one(run_dir: Path, data_dir: Path, argv: list[str], args: argparse.Namespace) -> dict:
+    """One run of the task in `run_dir`; its results, with the model weights deleted unless --keep_models."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # leftovers of an interrupted run
+    start = time.perf_counter()
+    iwslt14_main(["--data_dir", str(data_dir), "--output_dir", str(run_dir), *argv])
+    result = {"wall_time_s": time.perf_counter() - start, **collect(run_dir)}
+    if not args.keep_models:
+        for weights in run_dir.glob("*.safetensors"):
+            weights.unlink()
+    return result
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     profile = PROFILES[args.profile]
@@ -193,20 +206,11 @@ def main(argv=None) -> None:
                 argv_ = task_argv(profile, dataset, method, seed)
                 settings = {"dataset": name, "source": dataset.data_dir or args.data_dir, "argv": argv_}
                 path = run_path(out_dir, name, method, seed)
-                if load_finished(path, settings) is not None:
-                    continue
-                run_dir = path.with_suffix("")
-                shutil.rmtree(run_dir, ignore_errors=True)  # leftovers of an interrupted run
-                data_dir = resolve_data_dir(name, dataset, args)
-                start = time.perf_counter()
-                iwslt14_main(["--data_dir", str(data_dir), "--output_dir", str(run_dir), *argv_])
-                result = {"wall_time_s": time.perf_counter() - start, **collect(run_dir)}
-                if not args.keep_models:
-                    for weights in run_dir.glob("*.safetensors"):
-                        weights.unlink()
-                record = {"dataset": name, "method": method, "seed": seed, "settings": settings, **result}
-                path.with_suffix(".tmp").write_text(json.dumps(record, indent=1))
-                path.with_suffix(".tmp").replace(path)  # never a half-written run file
+                with to_run(path, settings) as mine:
+                    if not mine:
+                        continue
+                    result = train_one(path.with_suffix(""), resolve_data_dir(name, dataset, args), argv_, args)
+                    save_run(path, {"dataset": name, "method": method, "seed": seed, "settings": settings, **result})
                 bleu = {k: round(v, 2) for k, v in result["metrics"].items() if k.endswith("_bleu")}
                 print(f"{name} {method} seed{seed}: {bleu} steps {result['steps']} "
                       f"wall {result['wall_time_s']:.0f}s", flush=True)
