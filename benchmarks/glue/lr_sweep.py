@@ -10,7 +10,7 @@ in that table (tasks below their floor, tried with more data or epochs) were run
     python benchmarks/glue/run.py --profile study --methods adamw --tasks cola --learning_rate 1e-4 \
         --max_train_samples 0 --seeds 0 --out_dir benchmarks/results/glue-study/lr-sweep/cola-all-lr1e-4
     python benchmarks/glue/run.py --profile study --methods adamw --tasks rte --learning_rate 3e-5 \
-        --num_train_epochs 5 --seeds 0 --out_dir benchmarks/results/glue-study/lr-sweep/rte-lr3e-5-5ep
+        --num_train_epochs 5 --seeds 0 1 2 --out_dir benchmarks/results/glue-study/lr-sweep/rte-lr3e-5-5ep
     python benchmarks/glue/run.py --profile study --methods adamw --tasks mrpc --num_train_epochs 3 \
         --seeds 0 1 2 --out_dir benchmarks/results/glue-study/lr-sweep/mrpc-lr2e-4-3ep
 
