@@ -25,7 +25,6 @@ from report import TASK_TITLES  # noqa: E402
 from saved_runs import load_runs  # noqa: E402
 
 TASKS = ("sst2", "mrpc", "stsb", "rte", "cola")
-STUDY_TASKS = ("sst2", "mrpc", "stsb", "cola")  # the study profile's default tasks (RTE is opt-in)
 #: The score a task is judged by (dev ×100), and the floor AdamW must clear: majority/constant + 10 (RTE + 4;
 #: CoLA MCC 20). Majority class on these dev sets: SST-2 50.9% positive, MRPC 68.4%, RTE 52.7%.
 PRIMARY = {"sst2": "accuracy", "mrpc": "accuracy", "stsb": "pearson", "rte": "accuracy", "cola": "matthews_correlation"}
@@ -143,7 +142,7 @@ def markdown(table: dict, seeds: int) -> str:
                 means.append(np.mean(cell["score"]))
                 grid = [m for m in table[task] if m.startswith("sam@")] if row == ORACLE else [method]
                 cpu[task] = sum(_cpu_per_run(table[task][m]) for m in grid)
-        average = f"{np.mean(means):.1f}" if len(means) == len(STUDY_TASKS) else "–"  # only over every study task
+        average = f"{np.mean(means):.1f}" if len(means) == len(TASKS) else "–"  # only over every study task
         lines.append("| " + " | ".join(cells + [average, _minutes(sum(cpu.values()) if cpu else np.nan)]) + " |")
     lines += ["", f"{ORACLE}: the grid's best ρ per task on dev, its CPU the whole grid's: "
               + ", ".join(f"{TASK_TITLES.get(t, t)} ρ = {rho_of(picks[t]):g}" for t in tasks if t in picks) + "."]
