@@ -124,7 +124,7 @@ PROFILES["cpu-full"] = dataclasses.replace(
 # CoLA reached MCC 18.5 at most on 4,000 examples and 30.8 on all 8,551 (3 epochs, lr 1e-4), so it trains on all.
 # RTE stays below its floor (56.7) at every lr of the sweep (54.9, 54.9, 49.1); 5 epochs at lr 3e-5 reach
 # 57.8, 57.8, 55.6 = 57.0 ± 1.3 over 3 seeds: above the floor, barely. It runs last: the costliest task per run
-# (~20 CPU-minutes per AdamW run) and the nearest its floor.
+# (~24 CPU-minutes per AdamW run) and the nearest its floor.
 # LETS updates ρ every 5th step (about 1.1x SAM's cost per run).
 PROFILES["study"] = Profile(
     model="minilm",
