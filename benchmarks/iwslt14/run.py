@@ -177,13 +177,13 @@ def resolve_data_dir(name: str, dataset: Dataset, args: argparse.Namespace) -> P
     return Path(dataset.data_dir)
 
 
-def train_one(run_dir: Path, data_dir: Path, argv: list[str], args: argparse.Namespace) -> dict:
-    """One run of the task in `run_dir`; its results, with the model weights deleted unless --keep_models."""
+def train_one(run_dir: Path, data_dir: Path, argv: list[str], keep_models: bool) -> dict:
+    """One run of the task in `run_dir`; its results, with the model weights deleted unless `keep_models`."""
     shutil.rmtree(run_dir, ignore_errors=True)  # leftovers of an interrupted run
     start = time.perf_counter()
     iwslt14_main(["--data_dir", str(data_dir), "--output_dir", str(run_dir), *argv])
     result = {"wall_time_s": time.perf_counter() - start, **collect(run_dir)}
-    if not args.keep_models:
+    if not keep_models:
         for weights in run_dir.glob("*.safetensors"):
             weights.unlink()
     return result
@@ -209,7 +209,7 @@ def main(argv=None) -> None:
                 with to_run(path, settings) as mine:
                     if not mine:
                         continue
-                    result = train_one(path.with_suffix(""), resolve_data_dir(name, dataset, args), argv_, args)
+                    result = train_one(path.with_suffix(""), resolve_data_dir(name, dataset, args), argv_, args.keep_models)
                     save_run(path, {"dataset": name, "method": method, "seed": seed, "settings": settings, **result})
                 bleu = {k: round(v, 2) for k, v in result["metrics"].items() if k.endswith("_bleu")}
                 print(f"{name} {method} seed{seed}: {bleu} steps {result['steps']} "
