@@ -2,7 +2,8 @@
 
 A finished run is skipped when the benchmark is restarted; a run saved with other settings
 is an error, never a silent mix of configurations in one table. Several workers can share one
-output folder: each run is claimed before it starts.
+output folder: each run is claimed before it starts. An unfinished run can keep Trainer checkpoints
+beside its file (`RunClock` saves one every few minutes) and resume from the last one.
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import time
 from pathlib import Path
+
+from transformers import TrainerCallback, TrainerState
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import get_last_checkpoint
 
 
 def run_path(out_dir: Path, dataset: str, method: str, seed: int) -> Path:
@@ -31,10 +38,68 @@ def load_finished(path: Path, settings: dict) -> dict | None:
 
 
 def save_run(path: Path, record: dict) -> None:
-    """Writes the run's JSON beside it first and then renames it: never a half-written run file."""
+    """Writes the run's JSON beside it first and then renames it: never a half-written run file.
+
+    The run's checkpoints go: a finished run is never resumed."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)
+    shutil.rmtree(checkpoint_dir(path), ignore_errors=True)
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """The Trainer output folder of the unfinished run saved at `path` (`seed1.checkpoints/`)."""
+    return path.with_suffix(".checkpoints")
+
+
+def resume_point(path: Path, settings: dict, save_every_s: float) -> tuple[str | None, RunClock]:
+    """The last checkpoint of the run saved at `path` (None: start afresh) and a clock that goes on from it.
+
+    The checkpoint folder records the settings it was made with: another run's checkpoint is an error."""
+    folder = checkpoint_dir(path)
+    recorded = folder / "settings.json"
+    checkpoint = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    if checkpoint is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps(settings))
+        return None, RunClock(save_every_s)
+    if json.loads(recorded.read_text()) != settings:
+        raise SystemExit(f"{folder} holds checkpoints made with other settings, not {settings}. Delete it to start afresh.")
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    clock = state.stateful_callbacks[RunClock.__name__]["args"]
+    return checkpoint, RunClock(save_every_s, cpu_s=clock["cpu_s"], wall_s=clock["wall_s"])
+
+
+class RunClock(TrainerCallback, ExportableState):
+    """Asks Trainer for a checkpoint every `save_every_s` seconds of wall time, and times the whole run.
+
+    Each checkpoint records the CPU and wall time spent so far (Trainer saves `state()` in its
+    trainer_state.json), so a resumed run reports what one uninterrupted run costs, plus one model load.
+    """
+
+    def __init__(self, save_every_s: float, cpu_s: float = 0.0, wall_s: float = 0.0):
+        self.save_every_s = save_every_s
+        self._cpu_start, self._wall_start = time.process_time() - cpu_s, time.perf_counter() - wall_s
+        self._last_save = time.perf_counter()
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU seconds of this process (all threads) in the run, earlier processes' included."""
+        return time.process_time() - self._cpu_start
+
+    @property
+    def wall_s(self) -> float:
+        return time.perf_counter() - self._wall_start
+
+    def state(self) -> dict:
+        return {"args": {"save_every_s": self.save_every_s, "cpu_s": self.cpu_s, "wall_s": self.wall_s}, "attributes": {}}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self._last_save >= self.save_every_s:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kwargs):
+        self._last_save = time.perf_counter()
 
 
 @contextlib.contextmanager

@@ -3,8 +3,9 @@
 Every (task, method, seed) runs in this process through `LETSTrainer` and is saved as
 `<out_dir>/runs/<task>/<method>/seed<k>.json` (settings, dev metrics, wall time, training
 log with ρ and the generalization gap). A finished run whose saved settings match is
-skipped, so an interrupted benchmark resumes where it stopped; several workers can share one
---out_dir (each run is claimed before it starts). `report.py` rebuilds the table and plots from
+skipped, and an unfinished one resumes from the checkpoint it saves every --checkpoint_minutes
+(`seed<k>.checkpoints/`, removed once the run is saved), so an interrupted benchmark resumes where it
+stopped; several workers can share one --out_dir (each run is claimed before it starts). `report.py` rebuilds the table and plots from
 those files alone.
 
 Profiles fix one hyperparameter set per task, shared by all methods (see PROFILES). A method is a
@@ -22,8 +23,6 @@ import argparse
 import dataclasses
 import itertools
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import datasets
@@ -38,7 +37,7 @@ from lets_hf.tasks.glue import get_task, load_glue, load_model, make_compute_met
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from report import write_report  # noqa: E402  (sibling script, not a package)
 from study_report import write_study_report  # noqa: E402
-from saved_runs import run_path, save_run, to_run  # noqa: E402
+from saved_runs import checkpoint_dir, resume_point, run_path, save_run, to_run  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
@@ -175,6 +174,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--data_dir", default=str(DEFAULT_DATA_DIR), help="GLUE folder in the original tsv layout, or 'hub'."
     )
     parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR))
+    parser.add_argument(
+        "--checkpoint_minutes", type=float, default=10,
+        help="An unfinished run saves a checkpoint this often (wall time) and a restart resumes from it; 0: every step.",
+    )
     overrides = parser.add_argument_group("overrides of the profile (applied to every task)")
     overrides.add_argument("--model_name_or_path")
     overrides.add_argument("--max_train_samples", type=int, help="0 = the whole training set.")
@@ -246,52 +249,54 @@ def prepare_task(task_name: str, profile: Profile, data_dir: str | None):
     return task, model_path, tokenizer, tokenize_glue(splits, tokenizer, task, task_max_seq_length(profile, task.name))
 
 
-def train_one(task, model_path, tokenizer, encoded, profile: Profile, method: str, seed: int) -> dict:
-    """Fine-tune once and evaluate on every dev split; returns metrics, wall and CPU time and the training log.
+def train_one(task, model_path, tokenizer, encoded, profile: Profile, method: str, seed: int, path: Path,
+              save_every_s: float) -> dict:
+    """Fine-tune once (resuming the run's last checkpoint if it has one) and evaluate on every dev split.
 
-    CPU time (this process, all threads) is what the study compares: unlike wall time it does not grow
-    when other work shares the machine."""
-    start, cpu_start = time.perf_counter(), time.process_time()
-    with tempfile.TemporaryDirectory(prefix="lets-glue-") as output_dir:
-        config = LETSConfig(
-            output_dir=output_dir,
-            seed=seed,
-            learning_rate=task_learning_rate(profile, task.name),
-            num_train_epochs=profile.tasks[task.name].epochs,
-            per_device_train_batch_size=profile.batch_size,
-            per_device_eval_batch_size=profile.eval_batch_size,
-            warmup_steps=profile.warmup_ratio,
-            weight_decay=profile.weight_decay,
-            logging_steps=profile.logging_steps,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            rho_lr=profile.rho_lr,
-            rho_update_interval=profile.rho_update_interval,
-        )
-        preset, rho = parse_method(method)
-        config = dataclasses.replace(apply_method(config, preset), rho=rho)
-        set_seed(seed)
-        trainer = LETSTrainer(
-            model=load_model(model_path, task),
-            args=config,
-            train_dataset=encoded["train"],
-            data_collator=DataCollatorWithPadding(tokenizer),
-            processing_class=tokenizer,
-            compute_metrics=make_compute_metrics(task),
-        )
-        train_metrics = trainer.train().metrics
-        metrics = {}
-        for dev in task.dev_splits:
-            metrics.update(trainer.evaluate(eval_dataset=encoded[dev.hub_split], metric_key_prefix=dev.metric_prefix))
+    Returns metrics, wall and CPU time and the training log. CPU time (this process, all threads) is what the
+    study compares: unlike wall time it does not grow when other work shares the machine."""
+    checkpoint, clock = resume_point(path, run_settings(profile, task.name), save_every_s)
+    config = LETSConfig(
+        output_dir=str(checkpoint_dir(path)),
+        seed=seed,
+        learning_rate=task_learning_rate(profile, task.name),
+        num_train_epochs=profile.tasks[task.name].epochs,
+        per_device_train_batch_size=profile.batch_size,
+        per_device_eval_batch_size=profile.eval_batch_size,
+        warmup_steps=profile.warmup_ratio,
+        weight_decay=profile.weight_decay,
+        logging_steps=profile.logging_steps,
+        save_strategy="no",  # RunClock asks for checkpoints by the clock
+        save_total_limit=1,
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        rho_lr=profile.rho_lr,
+        rho_update_interval=profile.rho_update_interval,
+    )
+    preset, rho = parse_method(method)
+    config = dataclasses.replace(apply_method(config, preset), rho=rho)
+    set_seed(seed)
+    trainer = LETSTrainer(
+        model=load_model(model_path, task),
+        args=config,
+        train_dataset=encoded["train"],
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=make_compute_metrics(task),
+        callbacks=[clock],
+    )
+    trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = {}
+    for dev in task.dev_splits:
+        metrics.update(trainer.evaluate(eval_dataset=encoded[dev.hub_split], metric_key_prefix=dev.metric_prefix))
     log = [{k: entry[k] for k in LOG_KEYS if k in entry} for entry in trainer.state.log_history if "loss" in entry]
     return {
         "metrics": {k: v for k, v in metrics.items() if k.removeprefix("eval_").removeprefix("mm_") in task.metric_names},
-        "train_runtime_s": train_metrics["train_runtime"],
-        "wall_time_s": time.perf_counter() - start,
-        "cpu_time_s": time.process_time() - cpu_start,
+        "wall_time_s": clock.wall_s,
+        "cpu_time_s": clock.cpu_s,
         "threads": torch.get_num_threads(),
+        "resumed_from_step": int(Path(checkpoint).name.rpartition("-")[2]) if checkpoint else None,
         "train_examples": len(trainer.train_dataset),
         "rho_examples": len(trainer.rho_dataset) if trainer.rho_dataset is not None else 0,
         "steps": trainer.state.global_step,
@@ -335,7 +340,7 @@ def main(argv=None) -> None:
                 continue
             if task_name not in prepared:
                 prepared[task_name] = prepare_task(task_name, profile, data_dir)
-            result = train_one(*prepared[task_name], profile, method, seed)
+            result = train_one(*prepared[task_name], profile, method, seed, path, 60 * args.checkpoint_minutes)
             record = {"task": task_name, "method": method, "seed": seed, "settings": settings, **result}
             save_run(path, record)
         print(

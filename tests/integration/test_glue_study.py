@@ -5,6 +5,9 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+from transformers.trainer_utils import get_last_checkpoint
 
 from tests.conftest import REPO
 
@@ -119,3 +122,38 @@ def test_study_runs_task_by_task_with_every_adamw_seed_first():
                          ["sst2", "lets-sam", 0], ["sst2", "sam@0.01", 1], ["sst2", "lets-sam", 1]]
     assert study[6] == ["mrpc", "adamw", 0] and len(study) == 12
     assert default[:4] == [["sst2", "adamw", 0], ["sst2", "sam@0.01", 0], ["sst2", "lets-sam", 0], ["mrpc", "adamw", 0]]
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_stopped(tmp_path):
+    """A worker killed mid-run (the end of a session) loses at most --checkpoint_minutes: the restart resumes
+    the run's checkpoint, and metrics, ρ and the training log equal those of an uninterrupted run."""
+    argv = ["--profile", "smoke", "--methods", "lets-sam", "--seeds", "0",
+            "--data_dir", str(REPO / "examples" / "data" / "glue")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "benchmarks" / "glue" / "run.py"), *argv, "--checkpoint_minutes", "0"]
+    checkpoints = tmp_path / "killed" / "runs" / "sst2" / "lets-sam" / "seed0.checkpoints"
+    worker = subprocess.Popen([*command, "--out_dir", str(tmp_path / "killed")], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not (checkpoints / "checkpoint-4").is_dir():
+            assert worker.poll() is None and time.monotonic() < deadline, "the run ended before its 4th checkpoint"
+            time.sleep(0.05)
+    finally:
+        worker.kill()
+        worker.wait()
+    stopped_at = int(get_last_checkpoint(str(checkpoints)).rpartition("-")[2])
+    state = json.loads((checkpoints / f"checkpoint-{stopped_at}" / "trainer_state.json").read_text())
+    cpu_before = state["stateful_callbacks"]["RunClock"]["args"]["cpu_s"]
+    assert 4 <= stopped_at < 12 and cpu_before > 0  # 12 steps in all
+
+    for out_dir in ("killed", "whole"):
+        done = run(*argv, "--out_dir", str(tmp_path / out_dir))
+        assert done.returncode == 0, done.stderr[-3000:]
+    resumed, whole = (json.loads((tmp_path / d / "runs" / "sst2" / "lets-sam" / "seed0.json").read_text())
+                      for d in ("killed", "whole"))
+    assert resumed["resumed_from_step"] == stopped_at and whole["resumed_from_step"] is None
+    for key in ("metrics", "final_rho", "log_history", "steps"):
+        assert resumed[key] == whole[key], key
+    assert resumed["cpu_time_s"] > cpu_before  # the time before the kill is counted
+    assert not checkpoints.exists()  # a saved run keeps no checkpoint

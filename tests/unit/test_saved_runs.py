@@ -57,3 +57,23 @@ def test_a_live_workers_claim_is_left_alone_and_a_dead_ones_taken_over(saved_run
         assert mine is taken_over
     # The live worker still holds its claim; the taken-over one is released once this worker is done.
     assert path.with_suffix(".claim").exists() is not taken_over
+
+
+def test_a_run_resumes_its_last_checkpoint_with_the_time_spent_before_it(saved_runs, tmp_path):
+    """The clock a resumed run starts from is the one its checkpoint recorded; a fresh run's starts at zero."""
+    path = saved_runs.run_path(tmp_path, "rte", "sam@0.05", 1)
+    checkpoint, clock = saved_runs.resume_point(path, SETTINGS, save_every_s=600)
+    assert checkpoint is None and clock.cpu_s < 60 and clock.wall_s < 60
+    for step, cpu_s in ((40, 1000.0), (80, 2000.0)):  # Trainer keeps the newest
+        folder = saved_runs.checkpoint_dir(path) / f"checkpoint-{step}"
+        folder.mkdir()
+        state = {"global_step": step, "stateful_callbacks": {"RunClock": {"args": {"cpu_s": cpu_s, "wall_s": 3 * cpu_s}}}}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+    checkpoint, clock = saved_runs.resume_point(path, SETTINGS, save_every_s=600)
+    assert checkpoint.endswith("checkpoint-80")
+    assert 2000 <= clock.cpu_s < 2060 and 6000 <= clock.wall_s < 6060
+    assert clock.state()["args"]["cpu_s"] >= 2000  # and the next checkpoint carries it on
+    with pytest.raises(SystemExit, match="other settings"):
+        saved_runs.resume_point(path, {**SETTINGS, "lr": 3e-5}, save_every_s=600)
+    saved_runs.save_run(path, {"settings": SETTINGS})
+    assert not saved_runs.checkpoint_dir(path).exists()
