@@ -24,17 +24,17 @@ def run_path(out_dir: Path, dataset: str, method: str, seed: int) -> Path:
     return out_dir / "runs" / dataset / method / f"seed{seed}.json"
 
 
-def load_finished(path: Path, settings: dict) -> dict | None:
-    """The saved run if it exists and was made with these settings."""
+def is_finished(path: Path, settings: dict) -> bool:
+    """Whether the run is saved; one saved with other settings is an error."""
     if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    if saved["settings"] != settings:
+        return False
+    saved = json.loads(path.read_text())["settings"]
+    if saved != settings:
         raise SystemExit(
-            f"{path} was made with other settings ({saved['settings']}), not {settings}. "
+            f"{path} was made with other settings ({saved}), not {settings}. "
             "Use another --out_dir, or delete the old runs to replace them."
         )
-    return saved
+    return True
 
 
 def save_run(path: Path, record: dict) -> None:
@@ -133,11 +133,11 @@ def to_run(path: Path, settings: dict):
 
     Checked again once claimed: another worker may have finished it meanwhile.
     """
-    if load_finished(path, settings) is not None:
+    if is_finished(path, settings):
         yield False
         return
     with claimed(path) as mine:
-        yield mine and load_finished(path, settings) is None
+        yield mine and not is_finished(path, settings)
 
 
 def _alive(pid: str) -> bool:

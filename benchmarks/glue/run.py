@@ -36,13 +36,12 @@ from lets_hf.tasks.glue import get_task, load_glue, load_model, make_compute_met
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from report import write_report  # noqa: E402  (sibling script, not a package)
-from study_report import write_study_report  # noqa: E402
+from study_report import TASKS, write_study_report  # noqa: E402
 from saved_runs import checkpoint_dir, resume_point, run_path, save_run, to_run  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data" / "glue"
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results" / "glue"
-TASKS = ("sst2", "mrpc", "stsb", "rte", "cola")
 DEFAULT_METHODS = ("adamw", "sam", "asam", "lets-sam", "lets-asam")
 """The first comparison; any preset of `lets_hf.methods.METHODS` (with `@rho`) can be given with --methods."""
 SAM_GRID = (0.01, 0.02, 0.05, 0.1)
