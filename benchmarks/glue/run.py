@@ -4,9 +4,9 @@ Every (task, method, seed) runs in this process through `LETSTrainer` and is sav
 `<out_dir>/runs/<task>/<method>/seed<k>.json` (settings, dev metrics, wall time, training
 log with ρ and the generalization gap). A finished run whose saved settings match is
 skipped, and an unfinished one resumes from the checkpoint it saves every --checkpoint_minutes
-(`seed<k>.checkpoints/`, removed once the run is saved), so an interrupted benchmark resumes where it
-stopped; several workers can share one --out_dir (each run is claimed before it starts). `report.py` rebuilds the table and plots from
-those files alone.
+(`seed<k>.checkpoints/`, removed once the run is saved), so an interrupted benchmark resumes where
+it stopped; several workers can share one --out_dir (each run is claimed before it starts).
+`report.py` rebuilds the table and plots from those files alone.
 
 Profiles fix one hyperparameter set per task, shared by all methods (see PROFILES). A method is a
 `--method` preset, optionally with a fixed radius: `sam@0.02` is SAM with ρ = 0.02.
@@ -324,6 +324,7 @@ def main(argv=None) -> None:
     out_dir = Path(args.out_dir)
     data_dir = None if args.data_dir == "hub" else args.data_dir
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a checkpoint's "Writing model shards" bar
     datasets.disable_progress_bars()
     print(f"profile {args.profile}: {profile}", flush=True)
     tasks = args.tasks or list(profile.tasks)
