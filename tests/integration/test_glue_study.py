@@ -12,11 +12,16 @@ from transformers.trainer_utils import get_last_checkpoint
 from tests.conftest import REPO
 
 
-def run(*argv: str) -> subprocess.CompletedProcess:
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def command(*argv: str) -> list[str]:
     """The benchmark script in its own process (its sibling modules must not shadow the IWSLT'14 benchmark's)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO / "benchmarks" / "glue" / "run.py"), *argv]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    return [sys.executable, str(REPO / "benchmarks" / "glue" / "run.py"), *argv]
+
+
+def run(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(*argv), capture_output=True, text=True, env=ONE_THREAD, timeout=900)
 
 
 def test_smoke_study_saves_each_grid_point_and_reports_the_oracle(tmp_path):
@@ -129,11 +134,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_stop
     the run's checkpoint, and metrics, ρ and the training log equal those of an uninterrupted run."""
     argv = ["--profile", "smoke", "--methods", "lets-sam", "--seeds", "0",
             "--data_dir", str(REPO / "examples" / "data" / "glue")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO / "benchmarks" / "glue" / "run.py"), *argv, "--checkpoint_minutes", "0"]
     checkpoints = tmp_path / "killed" / "runs" / "sst2" / "lets-sam" / "seed0.checkpoints"
-    worker = subprocess.Popen([*command, "--out_dir", str(tmp_path / "killed")], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(command(*argv, "--checkpoint_minutes", "0", "--out_dir", str(tmp_path / "killed")),
+                              env=ONE_THREAD, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 600
         while not (checkpoints / "checkpoint-4").is_dir():
