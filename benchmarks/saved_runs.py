@@ -63,8 +63,9 @@ def resume_point(path: Path, settings: dict, save_every_s: float) -> tuple[str |
         folder.mkdir(parents=True, exist_ok=True)
         recorded.write_text(json.dumps(settings))
         return None, RunClock(save_every_s)
-    if json.loads(recorded.read_text()) != settings:
-        raise SystemExit(f"{folder} holds checkpoints made with other settings, not {settings}. Delete it to start afresh.")
+    if not recorded.is_file() or json.loads(recorded.read_text()) != settings:
+        raise SystemExit(f"{folder} holds checkpoints made with other settings (or none recorded in its settings.json),"
+                         f" not {settings}. Delete it to start afresh.")
     state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
     clock = state.stateful_callbacks[RunClock.__name__]["args"]
     return checkpoint, RunClock(save_every_s, cpu_s=clock["cpu_s"], wall_s=clock["wall_s"])

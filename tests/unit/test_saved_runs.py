@@ -75,5 +75,8 @@ def test_a_run_resumes_its_last_checkpoint_with_the_time_spent_before_it(saved_r
     assert clock.state()["args"]["cpu_s"] >= 2000  # and the next checkpoint carries it on
     with pytest.raises(SystemExit, match="other settings"):
         saved_runs.resume_point(path, {**SETTINGS, "lr": 3e-5}, save_every_s=600)
+    (saved_runs.checkpoint_dir(path) / "settings.json").unlink()  # a folder made by hand
+    with pytest.raises(SystemExit, match="none recorded"):
+        saved_runs.resume_point(path, SETTINGS, save_every_s=600)
     saved_runs.save_run(path, {"settings": SETTINGS})
     assert not saved_runs.checkpoint_dir(path).exists()
