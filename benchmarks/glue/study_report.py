@@ -162,10 +162,11 @@ def markdown(table: dict, seeds: int) -> str:
     for task in tasks:
         adamw = table[task].get("adamw", {"score": []})["score"]
         if adamw:
-            std = np.std(adamw, ddof=1) if len(adamw) > 1 else float("nan")
-            met = np.mean(adamw) >= FLOOR[task] and (len(adamw) < 2 or std <= MAX_SEED_STD)
-            lines.append(f"| {TASK_TITLES.get(task, task)} | {FLOOR[task]:g} | {np.mean(adamw):.1f} | {std:.1f} | "
-                         f"{'yes' if met else 'NO'} |")
+            std = np.std(adamw, ddof=1) if len(adamw) > 1 else None  # one seed has no spread to judge
+            met = np.mean(adamw) >= FLOOR[task] and (std is None or std <= MAX_SEED_STD)
+            so_far = f" (n={len(adamw)})" if len(adamw) < seeds else ""
+            lines.append(f"| {TASK_TITLES.get(task, task)} | {FLOOR[task]:g} | {np.mean(adamw):.1f}{so_far} | "
+                         f"{'–' if std is None else f'{std:.1f}'} | {'yes' if met else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -73,6 +73,8 @@ def test_study_report_cpu_and_reading_from_synthetic_runs(tmp_path):
            "lets-sam": (60, 60, 60), "lets-asam": (30, 30, 30)}
     accuracy = {"adamw": (0.80, 0.81, 0.82), "sam@0.01": (0.81,) * 3, "sam@0.02": (0.83, 0.84, 0.85),
                 "lets-sam": (0.82, 0.82, 0.82), "lets-asam": (0.80,) * 3}
+    _save_synthetic_run(tmp_path, "adamw", 0, 0.80, 60, threads=1)
+    assert "| SST-2 | 60.9 | 80.0 (n=1) | – | yes |" in _study_report(tmp_path)  # one seed: no spread to judge yet
     for method, seconds in cpu.items():
         for seed in range(3):
             threads = 2 if method == "lets-asam" else 1
@@ -86,6 +88,7 @@ def test_study_report_cpu_and_reading_from_synthetic_runs(tmp_path):
     # LETS-SAM − oracle per seed: -1, -2, -3; − AdamW: +2, +1, 0; oracle − AdamW: +3 each; grid 300 s / LETS 60 s.
     assert "| SST-2 | -2.0 ± 1.0 (n=3) | +1.0 ± 1.0 (n=3) | +3.0 ± 0.0 (n=3) | -1.0 ± 1.0 (n=3) | 0.05 | 5.0x |" in lines
     assert any(line.startswith("CPU time of the 15 runs saved: – ") for line in lines)
+    assert "| SST-2 | 60.9 | 81.0 | 1.0 | yes |" in lines  # the floor, met over 3 seeds
     _save_synthetic_run(tmp_path, "lets-asam", 2, 0.80, 30, threads=1)  # now every cell has a one-thread run
     lines = _study_report(tmp_path)
     assert "| lets-asam | 0.5 |" in lines
