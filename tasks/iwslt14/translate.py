@@ -3,8 +3,9 @@
 Trainer's evaluation loop only scores teacher-forced loss. `LETSSeq2SeqTrainer`'s
 `predict_with_generate` would give padded token arrays in dataset order, but each row here is a
 token batch of many sentences whose hypotheses BLEU needs in the split's line order; so
-generation runs here after training, with the model's saved `generation_config` (beam 5). Hypotheses come back in the split's line order, BPE removed;
-`<unk>` stays in the text, as fairseq prints it.
+generation runs here after training, with the model's saved `generation_config` (beam 5).
+Hypotheses come back in the split's line order, BPE removed; `<unk>` stays in the text, as
+fairseq prints it.
 """
 
 from __future__ import annotations
