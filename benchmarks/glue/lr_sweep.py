@@ -7,8 +7,10 @@ of LRS; one run folder per lr under benchmarks/results/glue-study/lr-sweep/ (res
 run.py), and lr_sweep.md with the primary dev score against each task's floor. The follow-ups
 in that table (tasks below their floor, tried with more data or epochs) were run with run.py:
 
-    python benchmarks/glue/run.py --profile study --methods adamw --tasks cola --learning_rate 1e-4 \
-        --max_train_samples 0 --seeds 0 --out_dir benchmarks/results/glue-study/lr-sweep/cola-all-lr1e-4
+    python benchmarks/glue/run.py --profile study --methods adamw --tasks cola --num_train_epochs 3 \
+        --seeds 0 1 2 --out_dir benchmarks/results/glue-study/lr-sweep/cola-all-lr1e-4
+    python benchmarks/glue/run.py --profile study --methods adamw --tasks cola --num_train_epochs 5 \
+        --seeds 0 1 2 --out_dir benchmarks/results/glue-study/lr-sweep/cola-all-lr1e-4-5ep
     python benchmarks/glue/run.py --profile study --methods adamw --tasks rte --learning_rate 3e-5 \
         --num_train_epochs 5 --seeds 0 1 2 --out_dir benchmarks/results/glue-study/lr-sweep/rte-lr3e-5-5ep
     python benchmarks/glue/run.py --profile study --methods adamw --tasks mrpc --num_train_epochs 3 \
@@ -19,8 +21,9 @@ in that table (tasks below their floor, tried with more data or epochs) were run
     python benchmarks/glue/run.py --profile study --methods adamw --tasks stsb --max_train_samples 0 \
         --seeds 0 1 2 --out_dir benchmarks/results/glue-study/lr-sweep/stsb-all-lr2e-4
 
-`mrpc-lr2e-4-2ep` and `stsb-3000-lr2e-4` hold the study's first AdamW runs of those tasks (3 seeds at
-the budgets before the follow-ups: MRPC below its floor on average, STS-B's seed std above 3).
+`mrpc-lr2e-4-2ep`, `stsb-3000-lr2e-4` and `cola-all-lr1e-4` hold the study's first AdamW runs of those tasks
+(3 seeds at the budgets before the follow-ups: MRPC below its floor on average, STS-B's and CoLA's seed std
+above 3).
 """
 
 from __future__ import annotations
