@@ -120,7 +120,8 @@ PROFILES["cpu-full"] = dataclasses.replace(
 # below its floor, so it trains 3: 79.7 ± 0.9. STS-B at lr 2e-4 gave 80.7 ± 4.2 over 3 seeds (std above 3), at
 # lr 1e-4 80.1 ± 2.5: the study takes the latter, the cheapest budget that meets both bounds (lr-sweep follow-ups);
 # CoLA reached MCC 18.5 at most on 4,000 examples, so it trains on all 8,551: 3 epochs at lr 1e-4 gave 30.8, 30.6,
-# 20.9 = 27.5 ± 5.7 (std above 3), 5 epochs 27.5, 30.8, 26.3 = 28.2 ± 2.3, so it trains 5 (~17 CPU-minutes per AdamW run).
+# 20.9 = 27.5 ± 5.7 (std above 3), 5 epochs 27.5, 30.8, 26.3 = 28.2 ± 2.3, so it trains 5 (~17 CPU-minutes per
+# AdamW run).
 # RTE stays below its floor (56.7) at every lr of the sweep (54.9, 54.9, 49.1); 5 epochs at lr 3e-5 reach
 # 57.8, 57.8, 55.6 = 57.0 ± 1.3 over 3 seeds: above the floor, barely. It runs last: the costliest task per run
 # (~24 CPU-minutes per AdamW run) and the nearest its floor.
