@@ -66,10 +66,11 @@ def oracle_picks(table: dict) -> dict[str, str]:
 
 
 def _cell(values: list[float], seeds: int) -> str:
+    """Mean ± std over seeds; one seed has no spread to show, so its cell is the score and (n=1)."""
     if not values:
         return "–"
-    std = np.std(values, ddof=1) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.1f} ± {std:.1f}" + (f" (n={len(values)})" if len(values) < seeds else "")
+    spread = f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else ""
+    return f"{np.mean(values):.1f}{spread}" + (f" (n={len(values)})" if len(values) < seeds else "")
 
 
 def _cpu_per_run(cell: dict) -> float:
