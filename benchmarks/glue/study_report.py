@@ -118,6 +118,42 @@ def reading(table: dict, picks: dict) -> list[str]:
     return lines
 
 
+def rho_paths(table: dict) -> list[str]:
+    """How LETS moved ρ: does the hypergradient point one way (path ≈ |net|), or does ρ wander around ρ₀?
+
+    Read from each run's training log (one ρ update per logging window in the study: both every 5 steps),
+    mean over seeds. dF/dρ < 0 pushes ρ up; the gap is L_val − L_train at the updates.
+    """
+    header = ["task", "method", "ρ updates", "pushed up", "top 5", "ρ₀ → final ρ", "path length", "net Δρ per seed",
+              "mean gap"]
+    lines = ["How LETS moved ρ (mean over seeds; 'pushed up': share of updates with dF/dρ < 0; top 5: share of "
+             "Σ|dF/dρ| in the run's 5 largest updates; path length: the sum of |Δρ| over the updates; net Δρ: "
+             "final ρ − ρ₀; gap: L_val − L_train):", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in (t for t in TASKS if t in table):
+        for method in ("lets-sam", "lets-asam"):
+            runs = table[task].get(method, {"runs": []})["runs"]
+            if not runs:
+                continue
+            stats = []
+            for run in runs:
+                rho = np.array([e["rho"] for e in run["log_history"] if "rho" in e])
+                grad = np.array([e["rho_grad"] for e in run["log_history"] if "rho_grad" in e])
+                if not grad.size:  # a run that logged no ρ update has no path to show
+                    continue
+                gap = [e["gen_gap"] for e in run["log_history"] if "gen_gap" in e]
+                top = np.sort(np.abs(grad))[::-1]
+                stats.append((len(grad), np.mean(grad < 0), top[:5].sum() / top.sum(), rho[0], run["final_rho"],
+                              np.abs(np.diff(rho)).sum(), np.mean(gap)))
+            if not stats:
+                continue
+            updates, up, top5, start, final, path, gap = np.mean(stats, axis=0)
+            nets = ", ".join(f"{run[4] - run[3]:+.3f}" for run in stats)
+            lines.append(f"| {TASK_TITLES.get(task, task)} | {method} | {updates:.0f} | {up:.0%} | {top5:.0%} | "
+                         f"{start:.3g} → {final:.3g} | {path:.3f} | {nets} | {gap:+.3f} |")
+    return lines
+
+
 def markdown(table: dict, seeds: int) -> str:
     tasks = [t for t in TASKS if t in table]
     picks = oracle_picks(table)
@@ -158,6 +194,7 @@ def markdown(table: dict, seeds: int) -> str:
               + " (each run counted at its cell's one-thread median: the first runs used 2 threads or shared the"
               " machine)."]
     lines += ["", *reading(table, picks)]
+    lines += ["", *rho_paths(table)]
     lines += ["", f"Floor (AdamW must clear it, seed std ≤ {MAX_SEED_STD:g}):", "",
               "| task | floor | AdamW | std | met |", "|---|---|---|---|---|"]
     for task in tasks:

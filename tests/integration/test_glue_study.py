@@ -49,9 +49,10 @@ def test_a_typo_in_a_method_is_refused_before_any_run(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def _save_synthetic_run(out_dir, method: str, seed: int, accuracy: float, cpu_time_s: float, threads: int):
+def _save_synthetic_run(out_dir, method: str, seed: int, accuracy: float, cpu_time_s: float, threads: int,
+                        final_rho: float = 0.05, log_history: list | None = None):
     record = {"task": "sst2", "method": method, "seed": seed, "settings": {}, "wall_time_s": 1.0,
-              "metrics": {"eval_accuracy": accuracy}, "final_rho": 0.05, "log_history": [],
+              "metrics": {"eval_accuracy": accuracy}, "final_rho": final_rho, "log_history": log_history or [],
               "cpu_time_s": cpu_time_s, "threads": threads}
     path = out_dir / "runs" / "sst2" / method / f"seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,3 +166,18 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_and_ends_as_if_never_stop
         assert resumed[key] == whole[key], key
     assert resumed["cpu_time_s"] > cpu_before  # the time before the kill is counted
     assert not checkpoints.exists()  # a saved run keeps no checkpoint
+
+
+def test_study_report_says_how_lets_moved_rho_from_the_training_logs(tmp_path):
+    """A hand-made LETS-SAM log: 6 ρ updates, 5 with dF/dρ < 0 (pushing ρ up), the 5 largest |dF/dρ| carrying
+    4.2 of 4.3 (×1e-5); ρ 0.05 → 0.055 over a path of 0.007 (one step back); gap 0.1 at every update."""
+    rho = (0.050, 0.051, 0.052, 0.051, 0.053, 0.054, 0.055)
+    grads = (-1e-5, -1e-5, 1e-6, -2e-5, -1e-6, -1e-6)
+    log = [{"step": 0, "rho": rho[0]}] + [
+        {"step": 5 * k, "rho": r, "rho_grad": g, "gen_gap": 0.1} for k, (r, g) in enumerate(zip(rho[1:], grads), 1)]
+    for seed in range(3):
+        _save_synthetic_run(tmp_path, "lets-sam", seed, 0.8, 60, threads=1, final_rho=0.055, log_history=log)
+    _save_synthetic_run(tmp_path, "lets-asam", 0, 0.8, 60, threads=1)  # no ρ updates logged: no row
+    lines = _study_report(tmp_path)
+    assert "| SST-2 | lets-sam | 6 | 83% | 98% | 0.05 → 0.055 | 0.007 | +0.005, +0.005, +0.005 | +0.100 |" in lines
+    assert not any(line.startswith("| SST-2 | lets-asam | ") and "→" in line for line in lines)
