@@ -132,11 +132,8 @@ def rho_paths(table: dict) -> list[str]:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in (t for t in TASKS if t in table):
         for method in ("lets-sam", "lets-asam"):
-            runs = table[task].get(method, {"runs": []})["runs"]
-            if not runs:
-                continue
             stats = []
-            for run in runs:
+            for run in table[task].get(method, {"runs": []})["runs"]:
                 rho = np.array([e["rho"] for e in run["log_history"] if "rho" in e])
                 grad = np.array([e["rho_grad"] for e in run["log_history"] if "rho_grad" in e])
                 if not grad.size:  # a run that logged no ρ update has no path to show
@@ -144,13 +141,13 @@ def rho_paths(table: dict) -> list[str]:
                 gap = [e["gen_gap"] for e in run["log_history"] if "gen_gap" in e]
                 top = np.sort(np.abs(grad))[::-1]
                 stats.append((len(grad), np.mean(grad < 0), top[:5].sum() / top.sum(), rho[0], run["final_rho"],
-                              np.abs(np.diff(rho)).sum(), np.mean(gap)))
+                              np.abs(np.diff(rho)).sum(), run["final_rho"] - rho[0], np.mean(gap)))
             if not stats:
                 continue
-            updates, up, top5, start, final, path, gap = np.mean(stats, axis=0)
-            nets = ", ".join(f"{run[4] - run[3]:+.3f}" for run in stats)
-            lines.append(f"| {TASK_TITLES.get(task, task)} | {method} | {updates:.0f} | {up:.0%} | {top5:.0%} | "
-                         f"{start:.3g} → {final:.3g} | {path:.3f} | {nets} | {gap:+.3f} |")
+            updates, up, top5, start, final, path, net, gap = np.array(stats).T  # one column per seed
+            lines.append(f"| {TASK_TITLES.get(task, task)} | {method} | {updates.mean():.0f} | {up.mean():.0%} | "
+                         f"{top5.mean():.0%} | {start.mean():.3g} → {final.mean():.3g} | {path.mean():.3f} | "
+                         + ", ".join(f"{d:+.3f}" for d in net) + f" | {gap.mean():+.3f} |")
     return lines
 
 
