@@ -139,7 +139,7 @@ def train(
     **overrides,
 ) -> dict:
     """`STEPS` SGD steps on `head` (sequential batches); returns θ (flat), ρ, the logged losses and gaps,
-    the loss normalization the trainer chose, and the trained model."""
+    the loss normalization the trainer chose, the trained model and the fp16 grad scale (None without one)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     sam_variant, learn_rho = CASES[case]
     settings = dict(
@@ -159,6 +159,7 @@ def train(
     )
     trainer.train(resume_from_checkpoint=resume)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    scaler = trainer.accelerator.scaler
     return {
         "theta": flat_parameters(trainer.model),
         "rho": trainer.rho,
@@ -167,4 +168,5 @@ def train(
         "world": args.world_size,
         "normalization": trainer.loss_normalization,
         "model": trainer.model,
+        "grad_scale": scaler.get_scale() if scaler is not None and scaler.is_enabled() else None,
     }
