@@ -172,6 +172,12 @@ class LETSMixin:
         """The current perturbation radius (0.0 for `sam_variant="none"`)."""
         return float(self.radius.value) if self.rule is not None else 0.0
 
+    @property
+    def grad_scaler(self):
+        """Accelerate's fp16 grad scaler while it scales the loss, else `None` (bf16, fp32, or disabled)."""
+        scaler = self.accelerator.scaler
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
     # ------------------------------------------------------------------ loss normalization
     @property
     def model_accepts_loss_kwargs(self) -> bool:
@@ -255,8 +261,7 @@ class LETSMixin:
         """Before the optimizer steps: skip a non-finite step (the optimizer leaves parameters without a
         gradient, and their state, untouched), or stop after `nonfinite_patience` of them in a row."""
         finite = self._nonfinite.end_step(self.state.global_step + 1, self._likely_causes_of_nonfinite)
-        scaler = self.accelerator.scaler
-        if not finite and not (scaler is not None and scaler.is_enabled()):  # a grad scaler skips it by itself
+        if not finite and self.grad_scaler is None:  # a grad scaler skips the step by itself
             self.optimizer.zero_grad(set_to_none=True)
         self._step_skipped = not finite
 
@@ -406,8 +411,7 @@ class LETSMixin:
         return [n for n, _ in named], [p for _, p in named], [p.grad for _, p in named]
 
     def _scale_inverse(self) -> float:
-        scaler = self.accelerator.scaler
-        return 1.0 / scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+        return 1.0 / self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0
 
     def _unscale_(self, grads) -> float | None:
         """Undo fp16 loss scaling in place; `None` when the gradient overflowed (the step will be skipped)."""

@@ -159,7 +159,6 @@ def train(
     )
     trainer.train(resume_from_checkpoint=resume)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    scaler = trainer.accelerator.scaler
     return {
         "theta": flat_parameters(trainer.model),
         "rho": trainer.rho,
@@ -168,5 +167,5 @@ def train(
         "world": args.world_size,
         "normalization": trainer.loss_normalization,
         "model": trainer.model,
-        "grad_scale": scaler.get_scale() if scaler is not None and scaler.is_enabled() else None,
+        "grad_scale": trainer.grad_scaler.get_scale() if trainer.grad_scaler is not None else None,
     }
