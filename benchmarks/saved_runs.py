@@ -68,7 +68,8 @@ def resume_point(path: Path, settings: dict, save_every_s: float) -> tuple[str |
                          f" not {settings}. Delete it to start afresh.")
     state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
     clock = state.stateful_callbacks[RunClock.__name__]["args"]
-    return checkpoint, RunClock(save_every_s, cpu_s=clock["cpu_s"], wall_s=clock["wall_s"])
+    return checkpoint, RunClock(save_every_s, cpu_s=clock["cpu_s"], wall_s=clock["wall_s"],
+                                resumed_from_step=state.global_step)
 
 
 class RunClock(TrainerCallback, ExportableState):
@@ -78,8 +79,10 @@ class RunClock(TrainerCallback, ExportableState):
     trainer_state.json), so a resumed run reports what one uninterrupted run costs, plus one model load.
     """
 
-    def __init__(self, save_every_s: float, cpu_s: float = 0.0, wall_s: float = 0.0):
+    def __init__(self, save_every_s: float, cpu_s: float = 0.0, wall_s: float = 0.0,
+                 resumed_from_step: int | None = None):
         self.save_every_s = save_every_s
+        self.resumed_from_step = resumed_from_step  # the checkpoint's step; None for a run started afresh
         self._cpu_start, self._wall_start = time.process_time() - cpu_s, time.perf_counter() - wall_s
         self._last_save = time.perf_counter()
 

@@ -250,13 +250,13 @@ def prepare_task(task_name: str, profile: Profile, data_dir: str | None):
     return task, model_path, tokenizer, tokenize_glue(splits, tokenizer, task, task_max_seq_length(profile, task.name))
 
 
-def train_one(task, model_path, tokenizer, encoded, profile: Profile, method: str, seed: int, path: Path,
-              save_every_s: float) -> dict:
+def train_one(task, model_path, tokenizer, encoded, profile: Profile, settings: dict, method: str, seed: int,
+              path: Path, save_every_s: float) -> dict:
     """Fine-tune once (resuming the run's last checkpoint if it has one) and evaluate on every dev split.
 
     Returns metrics, wall and CPU time and the training log. CPU time (this process, all threads) is what the
     study compares: unlike wall time it does not grow when other work shares the machine."""
-    checkpoint, clock = resume_point(path, run_settings(profile, task.name), save_every_s)
+    checkpoint, clock = resume_point(path, settings, save_every_s)
     config = LETSConfig(
         output_dir=str(checkpoint_dir(path)),
         seed=seed,
@@ -297,7 +297,7 @@ def train_one(task, model_path, tokenizer, encoded, profile: Profile, method: st
         "wall_time_s": clock.wall_s,
         "cpu_time_s": clock.cpu_s,
         "threads": torch.get_num_threads(),
-        "resumed_from_step": int(Path(checkpoint).name.rpartition("-")[2]) if checkpoint else None,
+        "resumed_from_step": clock.resumed_from_step,
         "train_examples": len(trainer.train_dataset),
         "rho_examples": len(trainer.rho_dataset) if trainer.rho_dataset is not None else 0,
         "steps": trainer.state.global_step,
@@ -342,7 +342,7 @@ def main(argv=None) -> None:
                 continue
             if task_name not in prepared:
                 prepared[task_name] = prepare_task(task_name, profile, data_dir)
-            result = train_one(*prepared[task_name], profile, method, seed, path, 60 * args.checkpoint_minutes)
+            result = train_one(*prepared[task_name], profile, settings, method, seed, path, 60 * args.checkpoint_minutes)
             record = {"task": task_name, "method": method, "seed": seed, "settings": settings, **result}
             save_run(path, record)
         print(

@@ -63,14 +63,14 @@ def test_a_run_resumes_its_last_checkpoint_with_the_time_spent_before_it(saved_r
     """The clock a resumed run starts from is the one its checkpoint recorded; a fresh run's starts at zero."""
     path = saved_runs.run_path(tmp_path, "rte", "sam@0.05", 1)
     checkpoint, clock = saved_runs.resume_point(path, SETTINGS, save_every_s=600)
-    assert checkpoint is None and clock.cpu_s < 60 and clock.wall_s < 60
+    assert checkpoint is None and clock.cpu_s < 60 and clock.wall_s < 60 and clock.resumed_from_step is None
     for step, cpu_s in ((40, 1000.0), (80, 2000.0)):  # Trainer keeps the newest
         folder = saved_runs.checkpoint_dir(path) / f"checkpoint-{step}"
         folder.mkdir()
         state = {"global_step": step, "stateful_callbacks": {"RunClock": {"args": {"cpu_s": cpu_s, "wall_s": 3 * cpu_s}}}}
         (folder / "trainer_state.json").write_text(json.dumps(state))
     checkpoint, clock = saved_runs.resume_point(path, SETTINGS, save_every_s=600)
-    assert checkpoint.endswith("checkpoint-80")
+    assert checkpoint.endswith("checkpoint-80") and clock.resumed_from_step == 80
     assert 2000 <= clock.cpu_s < 2060 and 6000 <= clock.wall_s < 6060
     assert clock.state()["args"]["cpu_s"] >= 2000  # and the next checkpoint carries it on
     with pytest.raises(SystemExit, match="other settings"):
