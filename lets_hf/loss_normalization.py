@@ -12,7 +12,7 @@ GPT-2 has no `loss_type`, so its count includes targets the model never predicts
 
 `probe` runs the model on one batch with two counts, and once without, and reads the answer
 off the losses. `LossNormalization` is the verdict; for token heads that drop the count it
-recomputes the loss from the logits with the library's own cross-entropy, which honours it.
+recomputes the loss from the logits as a token cross-entropy that honours it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
+import torch.nn.functional as F
 
 #: The model divides its loss by `num_items_in_batch`: Trainer's scaling is exact.
 BY_NUM_ITEMS = "num_items_in_batch"
@@ -46,9 +46,17 @@ class LossNormalization:
     reason: str = ""
 
     def token_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-        """Σ token cross-entropies / `num_items_in_batch` (the micro-batch token mean when it is `None`)."""
-        loss_fn = ForCausalLMLoss if self.shift_labels else ForMaskedLMLoss
-        return loss_fn(logits, labels, vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
+        """Σ token cross-entropies / `num_items_in_batch` (the micro-batch token mean when it is `None`).
+
+        Half-precision logits are upcast to float32, as transformers' loss functions do; float64 logits stay
+        float64 (those functions would round them to float32), so a float64 model's loss is the model's own."""
+        if self.shift_labels:  # logit t predicts label t+1
+            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                               ignore_index=IGNORE_INDEX, reduction=reduction)
+        return loss if num_items_in_batch is None else loss / torch.as_tensor(num_items_in_batch).to(loss.device)
 
     def describe(self, model_name: str, corrects_trainer: bool = False) -> str:
         what = {

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from lets_hf import LETSConfig, LETSTrainer
 from lets_hf import loss_normalization as norms
 from tests.heads import CASES, EXPECTED_NORMALIZATION, GLOBAL_BATCH, HEADS, build_model, train, train_rows, validation_rows
-LOSS_TOL = dict(rtol=1e-6, atol=2e-6)  # the token losses are float32 (transformers upcasts logits to float32)
+#: Logged losses are float32-level: Trainer sums them in a float32 tensor, and GPT-2's loss function casts to float32.
+LOSS_TOL = dict(rtol=1e-6, atol=2e-6)
 
 
 def hand_loss(head: str, model, rows: list[dict]) -> float:
@@ -128,6 +129,25 @@ def test_explicit_user_choices_win_over_the_probe(tmp_path, one_thread):
     custom = _bert_trainer(tmp_path / "custom", compute_loss_func=summed)
     assert _first_loss(custom) == pytest.approx(mean, rel=1e-6)
     assert custom.loss_normalization.reason == "compute_loss_func"
+
+
+@pytest.mark.parametrize(("head", "shift_labels"), [("bart", False), ("gpt2", True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_recomputed_token_mean_keeps_the_models_precision(one_thread, head, shift_labels, dtype):
+    """LETS's token-mean recomputation against plain cross-entropy on the real targets: float64 logits keep
+    float64 (transformers' loss functions would round them to float32), bf16 ones are upcast to float32."""
+    model = build_model(head).to(dtype)
+    rows = train_rows(head)[:GLOBAL_BATCH]
+    batch = {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+    with torch.no_grad():
+        logits = model(**batch).logits
+    recompute = norms.LossNormalization(norms.TOKEN_MEAN, shift_labels=shift_labels)
+    mean = recompute.token_loss(logits, batch["labels"])
+    assert mean.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    by_hand = hand_loss(head, model, rows)
+    assert float(mean) == pytest.approx(by_hand, rel=1e-12 if dtype == torch.float64 else 1e-6)
+    count = batch["labels"][..., int(shift_labels):].ne(-100).sum()
+    assert float(recompute.token_loss(logits, batch["labels"], 2 * count)) == pytest.approx(by_hand / 2, rel=1e-6)
 
 
 def test_probe_verdicts_on_more_heads(one_thread):
