@@ -4,7 +4,8 @@
 
 Reads the runs of `run.py --profile study` and writes study.md (table, oracle picks, floors, CPU
 time), rho_vs_oracle.png (LETS's ρ over steps against the oracle's ρ, a panel per task) and
-score_vs_rho.png (SAM's dev score against ρ, LETS-SAM's final ρ and score marked).
+score_vs_rho.png (SAM's dev score against ρ, LETS-SAM's final ρ and score marked). While some
+task, method or seed is still missing, study.md says PARTIAL at its top.
 """
 
 from __future__ import annotations
@@ -256,11 +257,21 @@ def plot_score_vs_rho(table: dict, path: Path) -> None:
         _task_panels(tasks, draw, "ρ", "dev score ×100", path)
 
 
-def write_study_report(out_dir: Path, seeds: int = 3, partial_note: str = "") -> str:
+def is_complete(table: dict, seeds: int) -> bool:
+    """Every study task has every method seen in any task, each on `seeds` seeds: only then is there a verdict."""
+    methods = {m for cells in table.values() for m in cells}
+    return all(len(table.get(task, {}).get(m, {"runs": []})["runs"]) >= seeds for task in TASKS for m in methods)
+
+
+def write_study_report(out_dir: Path, seeds: int = 3) -> str:
+    """study.md and the figures from the saved runs; a table with runs still to come is labelled PARTIAL."""
     out_dir = Path(out_dir)
     table = scores(load_runs(out_dir))
     text = markdown(table, seeds)
-    (out_dir / "study.md").write_text("# GLUE study: a learned ρ against SAM's ρ grid\n\n" + partial_note + text)
+    if not is_complete(table, seeds):
+        text = (f"**PARTIAL: the study is still running; cells with (n=k) have k of {seeds} seeds, "
+                "'–' none yet.**\n\n" + text)
+    (out_dir / "study.md").write_text("# GLUE study: a learned ρ against SAM's ρ grid\n\n" + text)
     plot_rho_vs_oracle(table, out_dir / "rho_vs_oracle.png")
     plot_score_vs_rho(table, out_dir / "score_vs_rho.png")
     return text
@@ -269,10 +280,5 @@ def write_study_report(out_dir: Path, seeds: int = 3, partial_note: str = "") ->
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parents[1] / "results" / "glue-study"))
-    parser.add_argument("--partial", action="store_true", help="label the table as partial (runs still to come)")
     cli = parser.parse_args()
-    note = (
-        "**PARTIAL: the study is still running; cells with (n=k) have k of 3 seeds, '–' none yet.**\n\n"
-        if cli.partial else ""
-    )
-    print(write_study_report(Path(cli.out_dir), partial_note=note))
+    print(write_study_report(Path(cli.out_dir)))

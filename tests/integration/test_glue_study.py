@@ -50,11 +50,12 @@ def test_a_typo_in_a_method_is_refused_before_any_run(tmp_path):
 
 
 def _save_synthetic_run(out_dir, method: str, seed: int, accuracy: float, cpu_time_s: float, threads: int,
-                        final_rho: float = 0.05, log_history: list | None = None):
-    record = {"task": "sst2", "method": method, "seed": seed, "settings": {}, "wall_time_s": 1.0,
-              "metrics": {"eval_accuracy": accuracy}, "final_rho": final_rho, "log_history": log_history or [],
+                        final_rho: float = 0.05, log_history: list | None = None, task: str = "sst2",
+                        metric: str = "accuracy"):
+    record = {"task": task, "method": method, "seed": seed, "settings": {}, "wall_time_s": 1.0,
+              "metrics": {f"eval_{metric}": accuracy}, "final_rho": final_rho, "log_history": log_history or [],
               "cpu_time_s": cpu_time_s, "threads": threads}
-    path = out_dir / "runs" / "sst2" / method / f"seed{seed}.json"
+    path = out_dir / "runs" / task / method / f"seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record))
 
@@ -181,3 +182,21 @@ def test_study_report_says_how_lets_moved_rho_from_the_training_logs(tmp_path):
     lines = _study_report(tmp_path)
     assert "| SST-2 | lets-sam | 6 | 83% | 98% | 0.05 → 0.055 | 0.007 | +0.005, +0.005, +0.005 | +0.100 |" in lines
     assert not any(line.startswith("| SST-2 | lets-asam | ") and "→" in line for line in lines)
+
+
+def test_study_md_says_partial_until_every_task_method_and_seed_is_saved(tmp_path):
+    """The label comes from the saved runs, not from a flag: run.py rewrites study.md after every grid run."""
+    metric = {"sst2": "accuracy", "mrpc": "accuracy", "stsb": "pearson", "rte": "accuracy",
+              "cola": "matthews_correlation"}
+    for task, name in metric.items():
+        for method in ("adamw", "sam@0.01", "lets-sam"):
+            for seed in range(3):
+                if (task, method, seed) != ("rte", "lets-sam", 2):
+                    _save_synthetic_run(tmp_path, method, seed, 0.8, 60, threads=1, task=task, metric=name)
+    lines = _study_report(tmp_path)
+    assert lines[2].startswith("**PARTIAL") and "| lets-sam | 80.0 ± 0.0 | 80.0 ± 0.0 | 80.0 ± 0.0 | 80.0 ± 0.0 (n=2) |" \
+        in "\n".join(lines)
+    _save_synthetic_run(tmp_path, "lets-sam", 2, 0.8, 60, threads=1, task="rte")
+    lines = _study_report(tmp_path)
+    assert not any("PARTIAL" in line for line in lines)
+    assert any(line.startswith("| lets-sam | 80.0 ± 0.0 |") and "| 80.0 |" in line for line in lines)  # the average
