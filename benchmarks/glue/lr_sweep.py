@@ -64,7 +64,7 @@ def main(argv=None) -> None:
             values = [100 * r["metrics"][f"eval_{PRIMARY[task]}"] for r in found]
             cells.append(f"{np.mean(values):.1f}" + ("" if len(values) == 1 else f" (n={len(values)})") if values else "–")
         lines.append(f"| {TASK_TITLES.get(task, task)} | {FLOOR[task]:g} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines) + "\n" + follow_ups()
+    table = "\n".join(lines) + "\n" + follow_ups() + sweep_cost()
     (OUT / "lr_sweep.md").write_text(
         "# AdamW lr sweep (study profile's examples, epochs and lengths; dev score ×100, seed 0)\n\n" + table
     )
@@ -89,6 +89,14 @@ def follow_ups() -> str:
     header = ["", "Follow-ups (mean ± std over seeds):", "",
               "| task | floor | lr | train examples | epochs | seeds | score |", "|---|---|---|---|---|---|---|"]
     return "\n".join(header + lines) + "\n"
+
+
+def sweep_cost() -> str:
+    """What setting the budgets cost: every AdamW run saved under lr-sweep/ (the first runs recorded no CPU time)."""
+    runs = [r for folder in OUT.iterdir() if (folder / "runs").is_dir() for r in load_runs(folder)]
+    timed = [r["cpu_time_s"] for r in runs if "cpu_time_s" in r]
+    return (f"\nCost: {len(runs)} AdamW runs, {sum(r['wall_time_s'] for r in runs) / 3600:.1f} hours of wall time; "
+            f"{len(timed)} of them recorded CPU time, {sum(timed) / 3600:.1f} CPU-hours.\n")
 
 
 if __name__ == "__main__":
