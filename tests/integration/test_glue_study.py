@@ -91,13 +91,15 @@ def test_study_report_cpu_and_reading_from_synthetic_runs(tmp_path):
     assert "| oracle SAM | 5.0 |" in lines and "| lets-sam | 1.0 |" in lines
     # LETS-SAM − oracle per seed: -1, -2, -3; − AdamW: +2, +1, 0; oracle − AdamW: +3 each; grid 300 s / LETS 60 s.
     assert "| SST-2 | -2.0 ± 1.0 (n=3) | +1.0 ± 1.0 (n=3) | +3.0 ± 0.0 (n=3) | -1.0 ± 1.0 (n=3) | 0.05 | 5.0x |" in lines
-    assert any(line.startswith("CPU time of the 15 runs saved: – ") for line in lines)
+    assert any(line.startswith("CPU time of the 15 runs saved: – ") and line.endswith("per task: SST-2 –.")
+               for line in lines)
     assert "| SST-2 | 60.9 | 81.0 | 1.0 | yes |" in lines  # the floor, met over 3 seeds
     _save_synthetic_run(tmp_path, "lets-asam", 2, 0.80, 30, threads=1)  # now every cell has a one-thread run
     lines = _study_report(tmp_path)
     assert "| lets-asam | 0.5 |" in lines
     # Each run at its cell's median: 3 × (60 + 120 + 180 + 60 + 30) s = 0.375 h.
-    assert any(line.startswith("CPU time of the 15 runs saved: 0.4 CPU-hours") for line in lines)
+    assert any(line.startswith("CPU time of the 15 runs saved: 0.4 CPU-hours") and line.endswith("per task: SST-2 0.4.")
+               for line in lines)
 
 
 def test_workers_sharing_an_out_dir_skip_runs_claimed_by_a_live_worker_and_take_over_a_dead_ones(tmp_path):
