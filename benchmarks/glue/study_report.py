@@ -87,6 +87,10 @@ def _minutes(seconds: float, digits: int = 0) -> str:
     return "–" if np.isnan(seconds) else f"{seconds / 60:.{digits}f}"
 
 
+def _hours(seconds: float) -> str:
+    return "–" if np.isnan(seconds) else f"{seconds / 3600:.1f}"
+
+
 #: The reading's comparisons, (a, b): a − b per seed, where both ran.
 COMPARISONS = (("lets-sam", ORACLE), ("lets-sam", "adamw"), (ORACLE, "adamw"), ("lets-asam", "adamw"))
 
@@ -185,13 +189,14 @@ def markdown(table: dict, seeds: int) -> str:
               "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
     lines += [f"| {row} | " + " | ".join(_minutes(cpu_per_run[row].get(t, np.nan), 1) for t in tasks) + " |"
               for row in rows]
-    per_task = {task: sum(_cpu_per_run(cell) * len(cell["runs"]) for cell in table[task].values()) for task in tasks}
+    cells = {task: table[task].values() for task in tasks}
+    per_task = {task: sum(_cpu_per_run(cell) * len(cell["runs"]) for cell in cells[task]) for task in tasks}
     total = sum(per_task.values())
-    lines += ["", f"CPU time of the {sum(len(c['runs']) for t in tasks for c in table[t].values())} runs saved: " + (
-        f"{total / 3600:.1f} CPU-hours" if not np.isnan(total) else "– (a cell has no one-thread run yet)")
+    saved = sum(len(cell["runs"]) for task in tasks for cell in cells[task])
+    lines += ["", f"CPU time of the {saved} runs saved: "
+              + (f"{_hours(total)} CPU-hours" if not np.isnan(total) else "– (a cell has no one-thread run yet)")
               + " (each run counted at its cell's one-thread median: the first runs used 2 threads or shared the"
-              " machine); per task: " + ", ".join(f"{TASK_TITLES.get(t, t)} {'–' if np.isnan(per_task[t]) else f'{per_task[t] / 3600:.1f}'}" for t in tasks)
-              + "."]
+              " machine); per task: " + ", ".join(f"{TASK_TITLES.get(t, t)} {_hours(per_task[t])}" for t in tasks) + "."]
     lines += ["", *reading(table, picks)]
     lines += ["", *rho_paths(table)]
     lines += ["", f"Floor (AdamW must clear it, seed std ≤ {MAX_SEED_STD:g}):", "",
