@@ -23,6 +23,9 @@ from .rules.bisam import BISAM_SURROGATES
 SCOPES = ("global", "local")
 RHO_OPTIMIZERS = ("adam", "sgd")
 RHO_HESSIANS = ("diagonal", "exact", "identity")
+RHO_ESTIMATORS = ("one-step", "trace")
+RHO_OBJECTIVES = ("squared-gap", "val-loss")
+RHO_UPDATE_SPACES = ("linear", "log")
 
 
 @dataclass
@@ -50,11 +53,27 @@ class LETSArguments:
         > Learned radius (the upper level: LETS)
 
         learn_rho (`bool`, defaults to `False`):
-            Learn ρ by hypergradient descent on ½(L_val − L_train)².
+            Learn ρ by hypergradient descent on the upper-level objective (`rho_objective`).
+        rho_estimator (`str`, defaults to `"one-step"`):
+            How ∂θ/∂ρ is estimated. `"one-step"`: through the last descent step only (the paper's,
+            u_t = −η·c·J_P·H·d_t). `"trace"`: a forward trace of the total derivative over all
+            steps, h ← μ·(I − η·c·J_P·H)·h + u_t with μ = `rho_trace_decay` (RTHO / MARTHE);
+            updated every step, one more parameter-sized buffer.
+        rho_trace_decay (`float`, defaults to `0.9`):
+            μ of the `"trace"` estimator, in [0, 1): the trace remembers about 1/(1 − μ) steps.
+            μ = 0 is the one-step estimator.
+        rho_objective (`str`, defaults to `"squared-gap"`):
+            The upper-level objective F(ρ). `"squared-gap"`: ½(L_val − L_train)² (the paper's),
+            dF/dρ = (L_val − L_train)·⟨∇L_val − ∇L_train, ∂θ/∂ρ⟩. `"val-loss"`: L_val, the classic
+            hyperparameter objective, dF/dρ = ⟨∇L_val, ∂θ/∂ρ⟩.
+        rho_update_space (`str`, defaults to `"linear"`):
+            `"linear"`: the ρ optimizer steps ρ (the paper's). `"log"`: it steps log ρ with the
+            hypergradient ρ·dF/dρ, so `rho_lr` is a relative change and one value serves any ρ₀.
         rho_lr (`float` or `None`, defaults to `None`):
-            Step size of the ρ optimizer (with `"adam"`: about the largest change of ρ per update).
-            `None`: 2% of the initial ρ, so one default fits rules whose radii differ by orders
-            of magnitude (SAM 1e-3, ASAM 1e-2, per-coordinate LightSAM 2e-7).
+            Step size of the ρ optimizer (with `"adam"`: about the largest change of ρ, or of log ρ
+            in the log space, per update). `None`: in the linear space 2% of the initial ρ, so one
+            default fits rules whose radii differ by orders of magnitude (SAM 1e-3, ASAM 1e-2,
+            per-coordinate LightSAM 2e-7); in the log space 0.02 (2% of ρ per update).
         rho_optimizer (`str`, defaults to `"adam"`):
             `"adam"` (scale-free Adam on the scalar) or `"sgd"` (plain descent).
         rho_min, rho_max (`float`, defaults to `0.0` and `10.0`):
@@ -71,7 +90,12 @@ class LETSArguments:
             Fraction of `train_dataset` held out (and never trained on) as the upper-level
             validation set when no `rho_dataset` is given to the trainer.
         rho_seed (`int`, defaults to `42`):
-            Seed of that split and of the validation batch order.
+            Seed of that split, of the validation batch order and of the validation passes' own
+            random stream (dropout), which leaves the training passes' random draws untouched.
+        rho_diagnostics_window (`int`, defaults to `20`):
+            Number of recent ρ updates over which the log's running statistics are taken: the mean
+            and std of the gap and of the inner product, the hypergradient's signal-to-noise ratio
+            |mean|/std and its sign agreement (share of updates with the sign of the mean).
 
         > LightSAM / BiSAM / BSAM
 
@@ -122,9 +146,30 @@ class LETSArguments:
     learn_rho: bool = field(
         default=False, metadata={"help": "Learn ρ by hypergradient descent on the squared generalization gap (LETS)."}
     )
+    rho_estimator: str = field(
+        default="one-step",
+        metadata={
+            "help": "∂θ/∂ρ: 'one-step' (through the last step, the paper's) or 'trace' (forward trace over all "
+            "steps with decay rho_trace_decay)."
+        },
+    )
+    rho_trace_decay: float = field(
+        default=0.9, metadata={"help": "μ of the 'trace' estimator in [0, 1): it remembers ~1/(1-μ) steps."}
+    )
+    rho_objective: str = field(
+        default="squared-gap",
+        metadata={"help": "Upper-level objective: 'squared-gap' (½(L_val - L_train)², the paper's) or 'val-loss'."},
+    )
+    rho_update_space: str = field(
+        default="linear",
+        metadata={"help": "'linear': step ρ (the paper's); 'log': step log ρ (rho_lr is then a relative change)."},
+    )
     rho_lr: float | None = field(
         default=None,
-        metadata={"help": "Step size of the ρ optimizer. Default: 2%% of the initial ρ per update (1e-3 for SAM's 0.05)."},
+        metadata={
+            "help": "Step size of the ρ optimizer. Default: 2%% of the initial ρ per update (1e-3 for SAM's 0.05); "
+            "in the log space 0.02."
+        },
     )
     rho_optimizer: str = field(default="adam", metadata={"help": "ρ optimizer: 'adam' (scale-free) or 'sgd'."})
     rho_min: float = field(default=0.0, metadata={"help": "Lower bound of ρ (projection)."})
@@ -144,7 +189,12 @@ class LETSArguments:
         default=0.1,
         metadata={"help": "Fraction of train_dataset held out for the ρ validation loss when no rho_dataset is given."},
     )
-    rho_seed: int = field(default=42, metadata={"help": "Seed of the ρ validation split and batch order."})
+    rho_seed: int = field(
+        default=42, metadata={"help": "Seed of the ρ validation split, batch order and validation passes' dropout."}
+    )
+    rho_diagnostics_window: int = field(
+        default=20, metadata={"help": "ρ updates over which the logged hypergradient statistics are taken."}
+    )
     bisam_surrogate: str = field(
         default="log",
         metadata={"help": "BiSAM's lower bound of the 0-1 loss: 'log' (1 - log(1 + e^(γ-x))) or 'tanh' (tanh(αx))."},
@@ -199,6 +249,16 @@ class LETSArguments:
         _check_choice("sam_scope", self.sam_scope, SCOPES)
         _check_choice("rho_optimizer", self.rho_optimizer, RHO_OPTIMIZERS)
         _check_choice("rho_hessian", self.rho_hessian, RHO_HESSIANS)
+        _check_choice("rho_estimator", self.rho_estimator, RHO_ESTIMATORS)
+        _check_choice("rho_objective", self.rho_objective, RHO_OBJECTIVES)
+        _check_choice("rho_update_space", self.rho_update_space, RHO_UPDATE_SPACES)
+        if not 0 <= self.rho_trace_decay < 1:
+            raise UsageError(
+                f"rho_trace_decay must be in [0, 1), got {self.rho_trace_decay} (1 would never forget a step, and "
+                "the trace would grow without bound)."
+            )
+        if self.rho_diagnostics_window < 2:
+            raise UsageError(f"rho_diagnostics_window must be >= 2 (a std needs two updates), got {self.rho_diagnostics_window}.")
         for name in ("rho", "rho_lr", "rho_min", "rho_max"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):

@@ -50,7 +50,7 @@ from .optim import lightsam_optimizer_cls_and_kwargs
 from .radius import Radius, check_optimizer_supported
 from .rules import get_rule
 from .tensor_lists import copy_, global_dot, global_norm
-from .validation import RhoBatches, split_for_rho
+from .validation import RhoBatches, own_random_stream, split_for_rho
 
 logger = logging.get_logger(__name__)
 
@@ -437,7 +437,7 @@ class LETSMixin:
         if tracked:
             u = self._u_for(params)
             if first_micro_batch:
-                torch._foreach_zero_(u)
+                self.radius.begin_direction_(u)
             torch._foreach_add_(u, grads, alpha=1.0 / mean_of)
         torch._foreach_mul_(grads, self.radius.value)
         backup = self._backup_for(params)
@@ -556,25 +556,28 @@ class LETSMixin:
         return grads
 
     def _update_rho(self, model, params, grads, train_loss, batches, micro_batches: int):
-        """One upper-level step at θ_{t+1}: dF/dρ = (L_val − L_train)·⟨∇L_val − g, u⟩.
+        """One upper-level step at θ_{t+1}: the gap L_val − L_train and the inner product of the objective,
+        ⟨∇L_val − g, u⟩ (squared gap) or ⟨∇L_val, u⟩ (val-loss); `Radius.update` combines them.
 
         `grads` is the first-pass gradient of `batches`, scaled by 1/`micro_batches` as Trainer
         scales the loss for accumulation. Rules whose first pass descends on a surrogate pay
-        one more backward here for the gradient of the training loss.
+        one more backward here for the gradient of the training loss (squared gap only).
         """
         u = self._u_for(params, model)
-        if self.rule.first_pass_loss is not None:  # the first pass gave ∇Q: take ∇L_train
+        with_train = self.radius.needs_train_gradient
+        if with_train and self.rule.first_pass_loss is not None:  # the first pass gave ∇Q: take ∇L_train
             grads = self._sum_gradients(self.accelerator.unwrap_model(model), params, batches)
             if self.args.sam_scope == "global" and not self._sharded:
                 self._average_grads(grads)
         val_loss, val_dot = self._validation_pass(model, params, u)
-        train_dot = global_dot(grads, u) * micro_batches
+        inner = val_dot - global_dot(grads, u) * micro_batches if with_train else val_dot
         val_loss, inner, train_loss = average_scalars(
-            torch.stack([val_loss.double(), (val_dot - train_dot).double(), train_loss.detach().double()])
+            torch.stack([val_loss.double(), inner.double(), train_loss.detach().double()])
         )
         gap = val_loss - train_loss
         self.radius.update(gap, inner)
         self._record("gen_gap", gap)
+        self._record("rho_inner", inner)
         self._record("rho_grad", self.radius.last_grad)
 
     def _validation_pass(self, model, params, u):
@@ -589,7 +592,8 @@ class LETSMixin:
 
         def scaled_loss(model, inputs, num_items):
             with self.compute_loss_context_manager(), self.extra_pass():
-                loss = self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items)
+                with own_random_stream(self._rho_batches.pass_seed(), self.args.device):
+                    loss = self.compute_loss(model, self._prepare_inputs(inputs), num_items_in_batch=num_items)
             val_loss.append(loss.detach())
             return loss * scale
 
@@ -623,7 +627,8 @@ class LETSMixin:
         self._metric_counts[name] = self._metric_counts.get(name, 0) + 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Training logs get ρ and the averages since the last log (the only host syncs).
+        """Training logs get ρ, the averages since the last log and, with learned ρ, the hypergradient's
+        running statistics (`lets_hf.diagnostics`): the only host syncs.
 
         A metric with no new value in this window (ρ updated every k > logging_steps steps)
         repeats its last value, so every logging step carries every curve.
@@ -633,6 +638,8 @@ class LETSMixin:
                 self._last_metrics[name] = float(total) / self._metric_counts[name]
             self._metric_sums, self._metric_counts = {}, {}
             logs.update(rho=self.rho, **self._last_metrics)
+            if self.args.learn_rho:
+                logs.update(self.radius.monitor.summary())
             if self.radius.skipped_updates:
                 logs["rho_updates_skipped"] = int(self.radius.skipped_updates)
         if "loss" in logs and self._nonfinite.skipped_steps:

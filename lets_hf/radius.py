@@ -1,35 +1,48 @@
-"""The ρ learner: hypergradient through one descent step, Hessian modes, ρ optimizer, state.
+"""The ρ learner: hypergradient estimators, Hessian modes, ρ optimizer, state.
 
-See `shared/design/lets-algorithm.md`. With the direction d_t of the rule (ε_t = ρ·d_t):
+See `shared/design/lets-algorithm.md`. With the direction d_t of the rule (ε_t = ρ·d_t) and
+A_t = η_t·c_t·J_P·H(θ_t + ε_t):
 
-    u_t = ∂θ_{t+1}/∂ρ = −η_t · c_t · J_P · H(θ_t + ε_t) · d_t
-    dF/dρ = (L_val − L_train) · ⟨∇L_val − g_{t+1}, u_t⟩      at θ_{t+1}
+    one-step (the paper's):  h_{t+1} = u_t = −A_t·d_t                     ∂θ_{t+1}/∂ρ through step t only
+    trace (RTHO / MARTHE):   h_{t+1} = μ·(I − A_t)·h_t − A_t·d_t = μ·h_t − A_t·w_t,  w_t = μ·h_t + d_t
 
-The trainer fills `u` with d_t, turns it into H·d_t after the second pass
-(`apply_hessian_`) and into u_t after the optimizer step (`apply_descent_jacobian_`).
-Everything stays on the device: no host synchronisation outside logging.
+and at θ_{t+1}, by `rho_objective`:
+
+    squared-gap (the paper's):  dF/dρ = (L_val − L_train)·⟨∇L_val − g_{t+1}, h_{t+1}⟩
+    val-loss:                   dF/dρ = ⟨∇L_val, h_{t+1}⟩
+
+The trainer fills `u` with w_t (`begin_direction_`, then d_t added; w_t = d_t for one-step), turns
+it into H·w_t after the second pass (`apply_hessian_`) and into h_{t+1} after the optimizer step
+(`apply_descent_jacobian_`, which adds back the kept μ·h_t). Everything stays on the device: no host
+synchronisation outside logging.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .diagnostics import HypergradientMonitor
 from .tensor_lists import global_norm
 
 ADAM_BETAS = (0.9, 0.999)
 DEFAULT_LR_FRACTION = 0.02  # rho_lr = 2% of the initial ρ when the user gives none
+DEFAULT_LOG_SPACE_LR = 0.02  # in the log space: 2% of ρ per update, whatever ρ₀
 ADAM_EPS = 1e-16  # tiny: the scalar hypergradient can be ~1e-9 and Adam must stay scale-free
 
 
 class Radius:
-    """ρ as a float64 device tensor, plus, when learned, its optimizer and the buffer u."""
+    """ρ as a float64 device tensor, plus, when learned, its optimizer and the buffer u (∂θ/∂ρ)."""
 
     def __init__(self, args, initial: float, device: torch.device):
         self.args = args
         self.learn = args.learn_rho
         self.value = torch.tensor(float(initial), dtype=torch.float64, device=device)
-        self.lr = args.rho_lr if args.rho_lr is not None else DEFAULT_LR_FRACTION * initial
-        self.u: list[torch.Tensor] | None = None  # ∂θ/∂ρ of the last step, aligned with the trainable params
+        self.log_space = args.rho_update_space == "log"
+        default_lr = DEFAULT_LOG_SPACE_LR if self.log_space else DEFAULT_LR_FRACTION * initial
+        self.lr = args.rho_lr if args.rho_lr is not None else default_lr
+        self.trace_decay = args.rho_trace_decay if args.rho_estimator == "trace" else 0.0
+        self.u: list[torch.Tensor] | None = None  # ∂θ/∂ρ (h), aligned with the trainable params
+        self._kept: list[torch.Tensor] | None = None  # μ·h_t while u holds w_t (trace only)
         self.u_valid = False
         self.clip_coef = torch.ones((), dtype=torch.float64, device=device)
         self.step = torch.zeros((), dtype=torch.float64, device=device)
@@ -37,6 +50,8 @@ class Radius:
         self.exp_avg_sq = torch.zeros((), dtype=torch.float64, device=device)
         self.last_grad = torch.zeros((), dtype=torch.float64, device=device)
         self.skipped_updates = torch.zeros((), dtype=torch.long, device=device)
+        self.last_inner = torch.zeros((), dtype=torch.float64, device=device)
+        self.monitor = HypergradientMonitor(args.rho_diagnostics_window, device)
         self._before_update: list[torch.Tensor] | None = None
 
     # -- when to do the work ---------------------------------------------------------
@@ -45,14 +60,33 @@ class Radius:
         return self.learn and self.u_valid and global_step % self.args.rho_update_interval == 0
 
     def tracks_step(self, global_step: int) -> bool:
-        """Step t needs u_t only if step t+1 updates ρ."""
+        """One-step: step t needs u_t only if step t+1 updates ρ. The trace follows every step."""
+        if self.trace_decay:
+            return self.learn
         return self.learn and (global_step + 1) % self.args.rho_update_interval == 0
+
+    @property
+    def needs_train_gradient(self) -> bool:
+        """Only the squared gap has ∇L_train in its hypergradient."""
+        return self.args.rho_objective == "squared-gap"
 
     # -- u_t -------------------------------------------------------------------------
     def buffers_like(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.u is None:
             self.u = [torch.zeros_like(p) for p in params]
         return self.u
+
+    def begin_direction_(self, u: list[torch.Tensor]) -> None:
+        """Before d_t is added to u: u ← 0 (one-step), or u ← μ·h_t, kept for after the step (trace; a trace
+        broken by a skipped step starts again from 0)."""
+        if not (self.trace_decay and self.u_valid):
+            torch._foreach_zero_(u)
+            self._kept = None
+            return
+        torch._foreach_mul_(u, self.trace_decay)
+        if self._kept is None:
+            self._kept = [torch.empty_like(t) for t in u]
+        torch._foreach_copy_(self._kept, u)
 
     def apply_hessian_(self, u: list[torch.Tensor], descent_grads: list[torch.Tensor], inv_scale: float) -> None:
         """d -> H·d for the diagonal and identity modes (`exact` is done by the trainer's HVP pass)."""
@@ -82,18 +116,24 @@ class Radius:
             tangents = [u[i] for i in members]
             descent_jacobian_(inner, group, [params[i] for i in members], tangents)
             torch._foreach_mul_(tangents, (-group["lr"]) * self.clip_coef.to(tangents[0].dtype))
+        if self.trace_decay and self._kept is not None:
+            torch._foreach_add_(u, self._kept)  # h_{t+1} = μ·h_t − A_t·w_t
         self.u_valid = True
 
     # -- the ρ step ------------------------------------------------------------------
     def update(self, gap: torch.Tensor, inner: torch.Tensor) -> None:
-        """ρ ← clip(ρ − lr·update(dF/dρ)), with dF/dρ = gap·inner.
+        """ρ ← clip(ρ − lr·update(dF/dρ)), with dF/dρ = gap·inner (squared gap) or inner (val-loss);
+        in the log space log ρ ← log ρ − lr·update(ρ·dF/dρ), then the clip.
 
         A non-finite gap or hypergradient leaves ρ and its optimizer state as they were, on the
         device (no host sync), and counts in `skipped_updates`.
         """
-        grad = (gap * inner).double()
-        self.last_grad = grad
+        grad = (gap * inner if self.needs_train_gradient else inner).double()
+        self.last_grad, self.last_inner = grad, inner.double()
+        self.monitor.observe(gap, inner, grad)
         self._before_update = [t.clone() for t in self._scalars()]
+        if self.log_space:
+            grad = grad * self.value  # d F / d log ρ
         if self.args.rho_optimizer == "adam":
             beta1, beta2 = ADAM_BETAS
             self.step += 1
@@ -104,7 +144,11 @@ class Radius:
             direction = m_hat / (v_hat.sqrt() + ADAM_EPS)
         else:
             direction = grad
-        self.value.sub_(self.lr * direction).clamp_(self.args.rho_min, self.args.rho_max)
+        if self.log_space:
+            self.value.mul_(torch.exp(-self.lr * direction))
+        else:
+            self.value.sub_(self.lr * direction)
+        self.value.clamp_(self.args.rho_min, self.args.rho_max)
         finite = torch.isfinite(gap) & torch.isfinite(grad) & torch.isfinite(self.value)
         for tensor, before in zip(self._scalars(), self._before_update):
             tensor.copy_(torch.where(finite, tensor, before))
@@ -133,6 +177,7 @@ class Radius:
             "u": self.u,
             "u_valid": self.u_valid,
             "skipped_updates": self.skipped_updates,
+            "monitor": self.monitor.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -142,6 +187,8 @@ class Radius:
             self.u = [t.to(self.value.device) for t in state["u"]]
         self.u_valid = state["u_valid"]
         self.skipped_updates.copy_(state.get("skipped_updates", 0))  # absent before lets-hf counted them
+        if "monitor" in state:  # absent before lets-hf kept diagnostics
+            self.monitor.load_state_dict(state["monitor"])
 
 
 def descent_jacobian_(optimizer, group: dict, params: list[torch.Tensor], tangents: list[torch.Tensor]) -> None:

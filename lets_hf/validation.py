@@ -6,6 +6,7 @@ L_val − L_train measures generalization of what the lower level fits.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import torch
@@ -66,8 +67,25 @@ class RhoBatches:
         self.drawn += 1
         return self.collate_fn([self.dataset[i] for i in self._order[start : start + self.batch_size]])
 
+    def pass_seed(self) -> int:
+        """Seed of the validation pass on the batch drawn last: a function of (rho_seed, batch, rank) only,
+        so a resumed run draws the same dropout masks without saving a random state."""
+        return (self.seed << 40) ^ (self.drawn << 12) ^ self.rank
+
     def state_dict(self) -> dict:
         return {"drawn": self.drawn}
 
     def load_state_dict(self, state: dict) -> None:
         self.drawn = state["drawn"]
+
+
+@contextlib.contextmanager
+def own_random_stream(seed: int, device: torch.device):
+    """Run the block on its own seeded random stream and give the caller's stream (CPU and `device`) back
+    untouched: the validation passes then change no dropout mask of the training passes, so a LETS run
+    with a frozen ρ draws exactly as SAM does."""
+    accelerated = device.type != "cpu"
+    devices = [device.index or 0] if accelerated else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerated else "cuda"):
+        torch.manual_seed(seed)
+        yield
