@@ -160,7 +160,10 @@ PROFILES["smoke"] = dataclasses.replace(  # the test suite's: a few steps of eve
     logging_steps=1,
     eval_batch_size=64,
 )
-LOG_KEYS = ("step", "epoch", "loss", "rho", "gen_gap", "rho_grad", "first_grad_norm", "learning_rate")
+LOG_KEYS = (
+    "step", "epoch", "loss", "rho", "gen_gap", "rho_inner", "rho_grad", "first_grad_norm", "learning_rate",
+    "gen_gap_mean", "gen_gap_std", "rho_inner_mean", "rho_inner_std", "rho_grad_snr", "rho_grad_sign_agreement",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -211,12 +214,35 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
     return dataclasses.replace(profile, tasks=tasks, **changes)
 
 
-def parse_method(spec: str) -> tuple[str, float | None]:
-    """`sam@0.02` -> ("sam", 0.02); a plain preset keeps the rule's default ρ."""
-    preset, _, rho = spec.partition("@")
+#: `+option` suffixes of a method: the LETS settings a run compares (`lets-sam@0.2+trace+val+log`).
+LETS_OPTIONS = {
+    "trace": {"rho_estimator": "trace"},
+    "val": {"rho_objective": "val-loss"},
+    "log": {"rho_update_space": "log"},
+    "exact": {"rho_hessian": "exact"},
+    "frozen": {"rho_optimizer": "sgd", "rho_lr": 1e-300},  # ρ never moves: what LETS's machinery costs by itself
+}
+#: `+name<number>` suffixes: a numeric LETS field (`+mu0.99`, `+lr0.05`).
+LETS_NUMBERS = {"mu": "rho_trace_decay", "lr": "rho_lr"}
+
+
+def parse_method(spec: str) -> tuple[str, float | None, dict]:
+    """`sam@0.02` -> ("sam", 0.02, {}); `lets-sam@0.2+trace+mu0.99` -> ("lets-sam", 0.2, {LETS fields});
+    a plain preset keeps the rule's default ρ."""
+    head, *options = spec.split("+")
+    preset, _, rho = head.partition("@")
     if preset not in METHODS:
-        raise SystemExit(f"Unknown method {spec!r}: a preset of {list(METHODS)}, optionally with @rho.")
-    return preset, float(rho) if rho else None
+        raise SystemExit(f"Unknown method {spec!r}: a preset of {list(METHODS)}, optionally with @rho and +options.")
+    fields = {}
+    for option in options:
+        number = next((name for name in LETS_NUMBERS if option.startswith(name)), None)
+        if option in LETS_OPTIONS:
+            fields.update(LETS_OPTIONS[option])
+        elif number is not None:
+            fields[LETS_NUMBERS[number]] = float(option[len(number) :])
+        else:
+            raise SystemExit(f"Unknown option +{option} in {spec!r}: one of {list(LETS_OPTIONS)} or {list(LETS_NUMBERS)}<value>.")
+    return preset, float(rho) if rho else None, fields
 
 
 def task_learning_rate(profile: Profile, task: str) -> float:
@@ -275,8 +301,8 @@ def train_one(task, model_path, tokenizer, encoded, profile: Profile, settings: 
         rho_lr=profile.rho_lr,
         rho_update_interval=profile.rho_update_interval,
     )
-    preset, rho = parse_method(method)
-    config = dataclasses.replace(apply_method(config, preset), rho=rho)
+    preset, rho, lets_fields = parse_method(method)
+    config = dataclasses.replace(apply_method(config, preset), rho=rho, **lets_fields)
     set_seed(seed)
     trainer = LETSTrainer(
         model=load_model(model_path, task),
@@ -352,7 +378,7 @@ def main(argv=None) -> None:
         )
     if not args.profile.startswith(("study", "smoke")):
         write_report(out_dir)
-    elif any("@" in method for method in methods):  # the ρ grid is there: the study's own report
+    elif set(methods) <= set(STUDY_METHODS) and any("@" in method for method in methods):  # issue #15's grid
         print(write_study_report(out_dir))
 
 

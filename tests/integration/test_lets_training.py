@@ -40,10 +40,15 @@ def test_one_validation_pass_every_k_steps(make_args, interval, steps, expected)
     assert calls == {"val": expected, "train": 2 * steps}  # u exists from step 1 on: updates at t = k, 2k, ...
 
 
-@pytest.mark.parametrize("rho_optimizer", ["adam", "sgd"])
-def test_resume_restores_rho_and_its_optimizer(make_args, tmp_path, rho_optimizer):
-    """2N steps in one go equal N steps, save, resume in a new trainer, N more."""
-    common = dict(max_steps=6, save_strategy="steps", save_steps=3, rho_optimizer=rho_optimizer, rho_lr=0.02)
+@pytest.mark.parametrize(
+    "rho_optimizer,estimator",
+    [("adam", {}), ("sgd", {}), ("adam", dict(rho_estimator="trace", rho_update_space="log", rho_objective="val-loss"))],
+)
+def test_resume_restores_rho_and_its_optimizer(make_args, tmp_path, rho_optimizer, estimator):
+    """2N steps in one go equal N steps, save, resume in a new trainer, N more (the trace h and the
+    diagnostics window included)."""
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, rho_optimizer=rho_optimizer, rho_lr=0.02,
+                  logging_steps=1, **estimator)
 
     def run(output_dir, resume=None):
         args = _lets_args(make_args, output_dir=str(output_dir), **common)
@@ -57,6 +62,9 @@ def test_resume_restores_rho_and_its_optimizer(make_args, tmp_path, rho_optimize
     assert resumed.rho == pytest.approx(straight.rho, rel=1e-12)
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    for h, k in zip(straight.radius.u, resumed.radius.u):
+        torch.testing.assert_close(h, k, rtol=1e-12, atol=1e-14)
+    assert resumed.state.log_history[-2]["rho_grad_snr"] == pytest.approx(straight.state.log_history[-2]["rho_grad_snr"])
     assert (tmp_path / "straight" / "checkpoint-3" / "lets_state.pt").is_file()
 
 
@@ -158,6 +166,11 @@ def test_fp16_overflow_skips_the_step_for_theta_and_rho(make_args, poison_call, 
         (dict(rho_hessian="full"), "Unknown rho_hessian"),
         (dict(rho_min=0.5, rho_max=0.1), "rho_min < rho_max"),
         (dict(rho_update_interval=0), "rho_update_interval must be >= 1"),
+        (dict(rho_estimator="hypergrad"), "Unknown rho_estimator 'hypergrad'"),
+        (dict(rho_objective="gap"), "Unknown rho_objective"),
+        (dict(rho_update_space="exp"), "Unknown rho_update_space"),
+        (dict(rho_trace_decay=1.0), r"rho_trace_decay must be in \[0, 1\)"),
+        (dict(rho_diagnostics_window=1), "rho_diagnostics_window must be >= 2"),
         (dict(fsdp=True, fsdp_config={"version": 1}), "does not support FSDP1"),
         (dict(fsdp=True, sam_scope="local"), "sam_scope='local' is not supported under FSDP2"),
         (dict(fsdp=True, learn_rho=True, rho_hessian="exact"), "rho_hessian='exact' is not supported under FSDP2"),
