@@ -56,6 +56,10 @@ METHODS = {  # name -> LETSConfig overrides
     "lets-sam k=10 diagonal": dict(sam_variant="sam", learn_rho=True, rho_update_interval=10, rho_hessian="diagonal"),
     "lets-sam k=1 exact": dict(sam_variant="sam", learn_rho=True, rho_update_interval=1, rho_hessian="exact"),
     "lets-sam k=10 exact": dict(sam_variant="sam", learn_rho=True, rho_update_interval=10, rho_hessian="exact"),
+    "lets-sam k=10 trace": dict(sam_variant="sam", learn_rho=True, rho_update_interval=10, rho_estimator="trace"),
+    "lets-sam k=10 antithetic": dict(
+        sam_variant="sam", learn_rho=True, rho_update_interval=10, rho_estimator="antithetic", rho_update_space="log"
+    ),
 }
 WARMUP, MEASURED = 2, 10
 MEMORY_STEPS = 3  # the profiled run: Adam state and SAM's backup exist from step 2 on

@@ -23,7 +23,7 @@ from .rules.bisam import BISAM_SURROGATES
 SCOPES = ("global", "local")
 RHO_OPTIMIZERS = ("adam", "sgd")
 RHO_HESSIANS = ("diagonal", "exact", "identity")
-RHO_ESTIMATORS = ("one-step", "trace")
+RHO_ESTIMATORS = ("one-step", "trace", "antithetic")
 RHO_OBJECTIVES = ("squared-gap", "val-loss")
 RHO_UPDATE_SPACES = ("linear", "log")
 
@@ -59,9 +59,19 @@ class LETSArguments:
             u_t = −η·c·J_P·H·d_t). `"trace"`: a forward trace of the total derivative over all
             steps, h ← μ·(I − η·c·J_P·H)·h + u_t with μ = `rho_trace_decay` (RTHO / MARTHE);
             updated every step, one more parameter-sized buffer.
+            `"antithetic"`: horizon-free, no hypergradient: windows of `rho_update_interval` steps
+            alternate ρ·e^{+δ} and ρ·e^{−δ} (pairs +−, −+, ...), the validation loss is measured on the
+            same `rho_antithetic_batches` batches at every window boundary, and
+            (Δ_{+δ} − Δ_{−δ})/(2δ), the windows' loss changes compared, estimates dL_val/d log ρ over
+            the window (SPSA / PES). Forward passes only, no buffer; needs `rho_update_space="log"`.
         rho_trace_decay (`float`, defaults to `0.9`):
             μ of the `"trace"` estimator, in [0, 1): the trace remembers about 1/(1 − μ) steps.
             μ = 0 is the one-step estimator.
+        rho_antithetic_delta (`float`, defaults to `0.5`):
+            δ of the `"antithetic"` estimator: its windows run at ρ·e^{±δ}.
+        rho_antithetic_batches (`int`, defaults to `4`):
+            Validation batches (of `rho_batch_size`) the `"antithetic"` estimator evaluates, in eval
+            mode, at every window boundary: the same batches every time.
         rho_objective (`str`, defaults to `"squared-gap"`):
             The upper-level objective F(ρ). `"squared-gap"`: ½(L_val − L_train)² (the paper's),
             dF/dρ = (L_val − L_train)·⟨∇L_val − ∇L_train, ∂θ/∂ρ⟩. `"val-loss"`: L_val, the classic
@@ -155,6 +165,12 @@ class LETSArguments:
     )
     rho_trace_decay: float = field(
         default=0.9, metadata={"help": "μ of the 'trace' estimator in [0, 1): it remembers ~1/(1-μ) steps."}
+    )
+    rho_antithetic_delta: float = field(
+        default=0.5, metadata={"help": "δ of the 'antithetic' estimator: its windows alternate ρ·e^(+δ) and ρ·e^(-δ)."}
+    )
+    rho_antithetic_batches: int = field(
+        default=4, metadata={"help": "Validation batches the 'antithetic' estimator evaluates at each window boundary."}
     )
     rho_objective: str = field(
         default="squared-gap",
@@ -256,6 +272,15 @@ class LETSArguments:
             raise UsageError(
                 f"rho_trace_decay must be in [0, 1), got {self.rho_trace_decay} (1 would never forget a step, and "
                 "the trace would grow without bound)."
+            )
+        if self.rho_estimator == "antithetic" and self.rho_update_space != "log":
+            raise UsageError(
+                "rho_estimator='antithetic' estimates the derivative with respect to log ρ: set rho_update_space='log'."
+            )
+        if self.rho_antithetic_delta <= 0 or self.rho_antithetic_batches < 1:
+            raise UsageError(
+                f"rho_antithetic_delta must be > 0 and rho_antithetic_batches >= 1, got {self.rho_antithetic_delta} "
+                f"and {self.rho_antithetic_batches}."
             )
         if self.rho_diagnostics_window < 2:
             raise UsageError(f"rho_diagnostics_window must be >= 2 (a std needs two updates), got {self.rho_diagnostics_window}.")

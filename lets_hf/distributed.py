@@ -53,6 +53,16 @@ def average_scalars(values: torch.Tensor) -> torch.Tensor:
     return values / world_size()
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """After a forward without backward under FSDP2: free the unsharded parameters that FSDP2 keeps for the
+    backward that never comes (the root's), so the next forward all-gathers the current shards again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def same_on_all_ranks(value: int, device) -> tuple[int, int]:
     """(min, max) of an integer over ranks, in one all-reduce: equal when every rank holds the same value."""
     if world_size() == 1:

@@ -42,7 +42,7 @@ from transformers.utils import logging
 
 from . import checkpoints, loss_normalization
 from .config import LETSArguments, check_fsdp2_settings, check_rho_within_bounds
-from .distributed import GradientAverager, average_scalars, local_state, same_on_all_ranks, sharded_state
+from .distributed import GradientAverager, average_scalars, local_state, reshard, same_on_all_ranks, sharded_state
 from .errors import UsageError
 from .loss_normalization import LossNormalization, logits_of
 from .nonfinite import NonFiniteGuard
@@ -96,6 +96,7 @@ class LETSMixin:
             self._use_non_reentrant_checkpointing()
         self.radius = Radius(args, initial_rho, self.args.device)
         self._rho_batches = self._make_rho_batches() if args.learn_rho else None
+        self._fixed_rho_batches = None  # the antithetic estimator's, drawn at its first window boundary
         self._average_grads = GradientAverager()
         self._backup: dict[int, torch.Tensor] = {}  # θ before the perturbation, per parameter
         self._cached: list[tuple[dict, object]] = []
@@ -280,7 +281,10 @@ class LETSMixin:
         if self._unscale_(grads) is not None:
             if self.radius.update_due(self.state.global_step):
                 train_loss = torch.stack(self._first_losses).sum()
-                self._update_rho(model, params, grads, train_loss, self._cached, micro_batches=1)
+                if self.radius.antithetic:
+                    self._antithetic_boundary(model, train_loss)
+                else:
+                    self._update_rho(model, params, grads, train_loss, self._cached, micro_batches=1)
             tracked = self._perturb_(names, params, grads, mean_of=1, first_micro_batch=True)
             self._second_passes(model, self._cached)
             if tracked:
@@ -382,8 +386,11 @@ class LETSMixin:
             self._accumulate_(params, grads)
         else:
             if first_micro_batch and self.radius.update_due(self.state.global_step):
-                batch = [(inputs, num_items_in_batch)]
-                self._update_rho(model, params, grads, loss * micro_batches, batch, micro_batches=micro_batches)
+                if self.radius.antithetic:
+                    self._antithetic_boundary(model, loss * micro_batches)
+                else:
+                    batch = [(inputs, num_items_in_batch)]
+                    self._update_rho(model, params, grads, loss * micro_batches, batch, micro_batches=micro_batches)
             self._perturb_(names, params, grads, mean_of=micro_batches, first_micro_batch=first_micro_batch)
             with self.extra_pass():
                 super().training_step(model, inputs, num_items_in_batch)
@@ -439,7 +446,7 @@ class LETSMixin:
             if first_micro_batch:
                 self.radius.begin_direction_(u)
             torch._foreach_add_(u, grads, alpha=1.0 / mean_of)
-        torch._foreach_mul_(grads, self.radius.value)
+        torch._foreach_mul_(grads, self.radius.radius_at(self.state.global_step))
         backup = self._backup_for(params)
         with torch.no_grad():
             copy_(backup, params)
@@ -554,6 +561,37 @@ class LETSMixin:
         for p, grad in zip(params, kept):
             p.grad = grad
         return grads
+
+    def _antithetic_boundary(self, model, train_loss) -> None:
+        """A window boundary of the antithetic estimator: the validation loss on its fixed batches, in eval mode."""
+        val_loss, train_loss = average_scalars(torch.stack([self._fixed_validation_loss(model), train_loss.detach().double()]))
+        if self.radius.observe_window(val_loss, train_loss, self.state.global_step):
+            self._record("gen_gap", val_loss - train_loss)
+            self._record("rho_inner", self.radius.last_inner)
+            self._record("rho_grad", self.radius.last_grad)
+
+    def _fixed_validation_loss(self, model) -> torch.Tensor:
+        """Mean loss of this rank's share of the first `rho_antithetic_batches` validation batches (the same
+        batches at every call, a function of `rho_seed` only), without dropout or gradient."""
+        if self._fixed_rho_batches is None:
+            stream = self._make_rho_batches()
+            self._fixed_rho_batches = [next(stream) for _ in range(self.args.rho_antithetic_batches)]
+        unwrapped = self.accelerator.unwrap_model(model)
+        unwrapped.eval()
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager(), self.extra_pass():
+                losses = [
+                    self.compute_loss(
+                        unwrapped, self._prepare_inputs(batch),
+                        num_items_in_batch=self._get_num_items_in_batch([batch], self.args.device),
+                    ).double()
+                    for batch in self._fixed_rho_batches
+                ]
+        finally:
+            unwrapped.train()
+        if self._sharded:
+            reshard(unwrapped)
+        return torch.stack(losses).mean()
 
     def _update_rho(self, model, params, grads, train_loss, batches, micro_batches: int):
         """One upper-level step at θ_{t+1}: the gap L_val − L_train and the inner product of the objective,

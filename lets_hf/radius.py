@@ -11,6 +11,9 @@ and at θ_{t+1}, by `rho_objective`:
     squared-gap (the paper's):  dF/dρ = (L_val − L_train)·⟨∇L_val − g_{t+1}, h_{t+1}⟩
     val-loss:                   dF/dρ = ⟨∇L_val, h_{t+1}⟩
 
+The `antithetic` estimator needs no ∂θ/∂ρ: it compares the validation loss changes of windows run at
+ρ·e^{±δ} (`radius_at`, `observe_window`).
+
 The trainer fills `u` with w_t (`begin_direction_`, then d_t added; w_t = d_t for one-step), turns
 it into H·w_t after the second pass (`apply_hessian_`) and into h_{t+1} after the optimizer step
 (`apply_descent_jacobian_`, which adds back the kept μ·h_t). Everything stays on the device: no host
@@ -19,10 +22,12 @@ synchronisation outside logging.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .diagnostics import HypergradientMonitor
-from .tensor_lists import global_norm
+from .tensor_lists import copy_, global_norm
 
 ADAM_BETAS = (0.9, 0.999)
 DEFAULT_LR_FRACTION = 0.02  # rho_lr = 2% of the initial ρ when the user gives none
@@ -41,6 +46,7 @@ class Radius:
         default_lr = DEFAULT_LOG_SPACE_LR if self.log_space else DEFAULT_LR_FRACTION * initial
         self.lr = args.rho_lr if args.rho_lr is not None else default_lr
         self.trace_decay = args.rho_trace_decay if args.rho_estimator == "trace" else 0.0
+        self.antithetic = args.learn_rho and args.rho_estimator == "antithetic"
         self.u: list[torch.Tensor] | None = None  # ∂θ/∂ρ (h), aligned with the trainable params
         self._kept: list[torch.Tensor] | None = None  # μ·h_t while u holds w_t (trace only)
         self.u_valid = False
@@ -51,24 +57,59 @@ class Radius:
         self.last_grad = torch.zeros((), dtype=torch.float64, device=device)
         self.skipped_updates = torch.zeros((), dtype=torch.long, device=device)
         self.last_inner = torch.zeros((), dtype=torch.float64, device=device)
+        self.window_start_loss = torch.zeros((), dtype=torch.float64, device=device)  # antithetic only
+        self.first_window_change = torch.zeros((), dtype=torch.float64, device=device)
         self.monitor = HypergradientMonitor(args.rho_diagnostics_window, device)
         self._before_update: list[torch.Tensor] | None = None
 
     # -- when to do the work ---------------------------------------------------------
     def update_due(self, global_step: int) -> bool:
-        """An update at step t uses u_{t−1}: only every `rho_update_interval`-th step."""
-        return self.learn and self.u_valid and global_step % self.args.rho_update_interval == 0
+        """An update at step t uses u_{t−1}: only every `rho_update_interval`-th step. The antithetic
+        estimator measures at every window boundary, step 0 included."""
+        ready = self.u_valid or self.antithetic
+        return self.learn and ready and global_step % self.args.rho_update_interval == 0
 
     def tracks_step(self, global_step: int) -> bool:
         """One-step: step t needs u_t only if step t+1 updates ρ. The trace follows every step."""
-        if self.trace_decay:
-            return self.learn
+        if self.trace_decay or self.antithetic:
+            return self.learn and not self.antithetic
         return self.learn and (global_step + 1) % self.args.rho_update_interval == 0
 
     @property
     def needs_train_gradient(self) -> bool:
         """Only the squared gap has ∇L_train in its hypergradient."""
         return self.args.rho_objective == "squared-gap"
+
+    # -- the antithetic windows ------------------------------------------------------
+    def radius_at(self, global_step: int) -> torch.Tensor:
+        """The radius step t perturbs with: ρ, or ρ·e^{±δ} in the antithetic windows."""
+        if not self.antithetic:
+            return self.value
+        return self.value * math.exp(self._window_sign(global_step) * self.args.rho_antithetic_delta)
+
+    def _window_sign(self, global_step: int) -> int:
+        """+1 or −1 for the window of `global_step`: pairs of windows run +−, −+, +−, ... (the alternation
+        cancels a linear trend of the loss between the two windows of a pair, over two pairs)."""
+        window = global_step // self.args.rho_update_interval
+        first_of_pair = window % 2 == 0
+        return 1 if first_of_pair != ((window // 2) % 2 == 1) else -1
+
+    def observe_window(self, val_loss: torch.Tensor, train_loss: torch.Tensor, global_step: int) -> bool:
+        """At a window boundary: the validation loss at its start. Closing the second window of a pair,
+        log ρ takes one step on G = (Δ_{+δ} − Δ_{−δ})/(2δ) ≈ dΔ/d log ρ. Returns whether ρ was updated."""
+        window = global_step // self.args.rho_update_interval
+        change = val_loss - self.window_start_loss  # Δ of the window that just ended
+        self.window_start_loss = val_loss.double()
+        if window == 0:
+            return False
+        if window % 2 == 1:
+            self.first_window_change = change
+            return False
+        plus_minus = self.first_window_change - change  # Δ(first) − Δ(second)
+        if self._window_sign(global_step - 1) > 0:  # the second window was the +δ one
+            plus_minus = -plus_minus
+        self._record_and_step(val_loss - train_loss, plus_minus, plus_minus / (2 * self.args.rho_antithetic_delta))
+        return True
 
     # -- u_t -------------------------------------------------------------------------
     def buffers_like(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -86,7 +127,7 @@ class Radius:
         torch._foreach_mul_(u, self.trace_decay)
         if self._kept is None:
             self._kept = [torch.empty_like(t) for t in u]
-        torch._foreach_copy_(self._kept, u)
+        copy_(self._kept, u)
 
     def apply_hessian_(self, u: list[torch.Tensor], descent_grads: list[torch.Tensor], inv_scale: float) -> None:
         """d -> H·d for the diagonal and identity modes (`exact` is done by the trainer's HVP pass)."""
@@ -129,11 +170,13 @@ class Radius:
         device (no host sync), and counts in `skipped_updates`.
         """
         grad = (gap * inner if self.needs_train_gradient else inner).double()
-        self.last_grad, self.last_inner = grad, inner.double()
+        self._record_and_step(gap, inner, grad * self.value if self.log_space else grad)  # log space: dF/d log ρ
+
+    def _record_and_step(self, gap: torch.Tensor, inner: torch.Tensor, grad: torch.Tensor) -> None:
+        """One step of the ρ optimizer on `grad` (of ρ, or of log ρ in the log space), with the diagnostics."""
+        self.last_grad, self.last_inner = grad.double(), inner.double()
         self.monitor.observe(gap, inner, grad)
         self._before_update = [t.clone() for t in self._scalars()]
-        if self.log_space:
-            grad = grad * self.value  # d F / d log ρ
         if self.args.rho_optimizer == "adam":
             beta1, beta2 = ADAM_BETAS
             self.step += 1
@@ -178,6 +221,8 @@ class Radius:
             "u_valid": self.u_valid,
             "skipped_updates": self.skipped_updates,
             "monitor": self.monitor.state_dict(),
+            "window_start_loss": self.window_start_loss,
+            "first_window_change": self.first_window_change,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -187,8 +232,10 @@ class Radius:
             self.u = [t.to(self.value.device) for t in state["u"]]
         self.u_valid = state["u_valid"]
         self.skipped_updates.copy_(state.get("skipped_updates", 0))  # absent before lets-hf counted them
-        if "monitor" in state:  # absent before lets-hf kept diagnostics
+        if "monitor" in state:  # absent before lets-hf kept diagnostics and antithetic windows
             self.monitor.load_state_dict(state["monitor"])
+            self.window_start_loss.copy_(state["window_start_loss"])
+            self.first_window_change.copy_(state["first_window_change"])
 
 
 def descent_jacobian_(optimizer, group: dict, params: list[torch.Tensor], tangents: list[torch.Tensor]) -> None:

@@ -28,6 +28,14 @@ EXPECTED_NORMALIZATION = {
 }
 #: (sam_variant, learn_rho) of the cases every head is checked in.
 CASES = {"none": ("none", False), "sam": ("sam", False), "lets-sam": ("sam", True)}
+#: LETS-SAM with the estimators beside the paper's (each run as the "lets-sam" case with these fields): Adam on log ρ,
+#: whose first step moves ρ by rho_lr = 10% whatever the hypergradient's scale.
+ESTIMATORS = {
+    "trace": dict(rho_estimator="trace", rho_objective="val-loss", rho_update_space="log", rho_optimizer="adam", rho_lr=0.1),
+    "antithetic": dict(
+        rho_estimator="antithetic", rho_update_space="log", rho_antithetic_batches=1, rho_optimizer="adam", rho_lr=0.1
+    ),
+}
 GLOBAL_BATCH = 8
 STEPS = 3
 #: SGD step of ρ per head, sized to the hypergradients of these models so that ρ moves by 10-40%.

@@ -217,6 +217,7 @@ def resolve_profile(args: argparse.Namespace) -> Profile:
 #: `+option` suffixes of a method: the LETS settings a run compares (`lets-sam@0.2+trace+val+log`).
 LETS_OPTIONS = {
     "trace": {"rho_estimator": "trace"},
+    "antithetic": {"rho_estimator": "antithetic", "rho_update_space": "log"},
     "val": {"rho_objective": "val-loss"},
     "log": {"rho_update_space": "log"},
     "exact": {"rho_hessian": "exact"},

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.distributed.launch import launch
-from tests.heads import CASES, EXPECTED_NORMALIZATION, GLOBAL_BATCH, HEADS, train
+from tests.heads import CASES, ESTIMATORS, EXPECTED_NORMALIZATION, GLOBAL_BATCH, HEADS, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,3 +44,16 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(two_ranks, tmp_path
     assert two["normalization"] == EXPECTED_NORMALIZATION[head][0]
     if case == "lets-sam":
         assert len(two["gen_gap"]) == 2 and abs(two["rho"] - 0.05) > 1e-3
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_two_ranks_equal_one_rank_with_the_new_estimators(two_ranks, tmp_path, one_thread, estimator):
+    """The trace (val-loss objective, log space) and the antithetic windows: ρ identical on both ranks and
+    equal to one process's with the same global batch."""
+    ranks = [results[f"bert-classification/{estimator}"] for results in two_ranks]
+    assert all(run["world"] == 2 for run in ranks)
+    assert ranks[1]["rho"] == ranks[0]["rho"] and torch.equal(ranks[1]["theta"], ranks[0]["theta"])
+    one = train("bert-classification", "lets-sam", str(tmp_path), batch=GLOBAL_BATCH, **ESTIMATORS[estimator])
+    torch.testing.assert_close(ranks[0]["theta"], one["theta"], rtol=1e-6, atol=1e-7)
+    assert ranks[0]["rho"] == pytest.approx(one["rho"], rel=1e-9) and abs(one["rho"] - 0.05) > 1e-3
+    assert ranks[0]["gen_gap"] == pytest.approx(one["gen_gap"], rel=1e-6, abs=2e-6)

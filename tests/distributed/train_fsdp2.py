@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lets_hf.errors import UsageError  # noqa: E402
 from tests.distributed import fsdp_on_cpu  # noqa: E402
 from tests.distributed.launch import leave_together  # noqa: E402
-from tests.heads import GLOBAL_BATCH, flat_parameters, lora_llama, train  # noqa: E402
+from tests.heads import ESTIMATORS, GLOBAL_BATCH, flat_parameters, lora_llama, train  # noqa: E402
 
 ACCUMULATION = 2
 #: name -> (head, case of tests.heads, overrides)
@@ -29,6 +29,7 @@ RUNS = {
     "bert-classification/sam": ("bert-classification", "sam", {}),
     "bert-classification/asam": ("bert-classification", "sam", {"sam_variant": "asam", "rho": 0.5}),
     "bert-classification/lets-sam": ("bert-classification", "lets-sam", {}),
+    **{f"bert-classification/lets-sam-{name}": ("bert-classification", "lets-sam", fields) for name, fields in ESTIMATORS.items()},
     "gpt2/lets-sam": ("gpt2", "lets-sam", {}),
     "bert-regression/lets-sam": ("bert-regression", "lets-sam", {}),
     "bert-classification/lets-bisam": ("bert-classification", "lets-sam", {"sam_variant": "bisam"}),
@@ -141,18 +142,19 @@ def sft_run(cli, world: int) -> dict:
 
 def resume_runs(cli, world: int) -> dict:
     """4 AdamW steps straight through, and resumed from the checkpoint at step 2 (optimizer state, each rank's
-    shard of u), for Trainer's two FSDP checkpoint formats."""
+    shard of u), for Trainer's two FSDP checkpoint formats, and for the trace estimator (each rank's shard of h)."""
     results = {}
-    for state_dict_type in ("FULL_STATE_DICT", "SHARDED_STATE_DICT"):
+    cases = {"FULL_STATE_DICT": {}, "SHARDED_STATE_DICT": {}, "trace": ESTIMATORS["trace"]}
+    for name, estimator in cases.items():
         settings = dict(
             batch=GLOBAL_BATCH // world // ACCUMULATION, accumulation=ACCUMULATION, optim="adamw_torch",
             learning_rate=1e-3, rho_optimizer="adam", rho_lr=0.01, max_steps=4, save_strategy="steps", save_steps=2,
-            **fsdp2(RESUMED, state_dict_type),
-        )
-        out = Path(cli.out) / state_dict_type
+            **fsdp2(RESUMED, "SHARDED_STATE_DICT" if name == "trace" else name),
+        ) | estimator
+        out = Path(cli.out) / name
         straight = train(RESUMED, "lets-sam", str(out / "straight"), **settings)
         resumed = train(RESUMED, "lets-sam", str(out / "resumed"), resume=str(out / "straight" / "checkpoint-2"), **settings)
-        results[state_dict_type] = {
+        results[name] = {
             "straight": {"theta": straight["theta"], "rho": straight["rho"]},
             "resumed": {"theta": resumed["theta"], "rho": resumed["rho"]},
             "files": sorted(os.listdir(out / "straight" / "checkpoint-2")),

@@ -12,7 +12,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.distributed.launch import leave_together  # noqa: E402
-from tests.heads import CASES, GLOBAL_BATCH, HEADS, train  # noqa: E402
+from tests.heads import CASES, ESTIMATORS, GLOBAL_BATCH, HEADS, train  # noqa: E402
 
 
 def main():
@@ -34,6 +34,11 @@ def main():
                 run["normalization"] = run["normalization"].kind
                 del run["model"]
                 results[key] = run
+    for estimator, fields in ESTIMATORS.items():  # the new estimators on one head, tokens averaged
+        run = train("bert-classification", "lets-sam", str(Path(cli.out) / estimator), batch=GLOBAL_BATCH // world, **fields)
+        run["normalization"] = run["normalization"].kind
+        del run["model"]
+        results[f"bert-classification/{estimator}"] = run
     torch.save(results, Path(cli.out) / f"rank{dist.get_rank() if dist.is_initialized() else 0}.pt")
     leave_together()
 

@@ -148,8 +148,8 @@ def test_log_space_steps_log_rho(tmp_path, one_thread, rho_optimizer):
     """log ρ ← log ρ − lr·update(ρ·dF/dρ): plain, or Adam's first step, whose update is the sign."""
     lr = 1000.0 if rho_optimizer == "sgd" else 0.3  # dF/d log ρ is ~1e-4 here
     trainer = trainer_after_one_update(tmp_path, rho_update_space="log", rho_optimizer=rho_optimizer, rho_lr=lr)
-    grad = float(trainer.radius.last_grad)
-    log_grad = RHO * grad
+    log_grad = float(trainer.radius.last_grad)  # in the log space: dF/d log ρ = ρ·dF/dρ
+    assert log_grad == pytest.approx(RHO * reference_hypergradient("sgd", 0.0, "squared-gap"), rel=1e-6)
     step = log_grad if rho_optimizer == "sgd" else math.copysign(1.0, log_grad)
     assert trainer.rho == pytest.approx(RHO * math.exp(-lr * step), rel=1e-9)
     assert trainer.rho != pytest.approx(RHO, rel=1e-3)
@@ -159,3 +159,34 @@ def test_log_space_default_step_is_relative(tmp_path, one_thread):
     """No rho_lr: 2% of ρ per Adam update in the log space, whatever ρ₀."""
     trainer = trainer_after_one_update(tmp_path, rho_update_space="log", rho_optimizer="adam", rho_lr=None)
     assert trainer.rho == pytest.approx(RHO * math.exp(-0.02 * math.copysign(1.0, float(trainer.radius.last_grad))))
+
+
+def _sam_step(model, theta, batch, radius):
+    d = _sam_direction(_grad(model, {n: p.clone().requires_grad_() for n, p in theta.items()}, batch))
+    descent = _grad(model, {n: (theta[n] + radius * d[n]).requires_grad_() for n in theta}, batch)
+    return {n: theta[n] - LR * descent[n] for n in theta}
+
+
+def test_antithetic_windows_and_update_match_a_run_by_hand(tmp_path, one_thread):
+    """Windows of one step run at ρ·e^{+δ}, ρ·e^{−δ} (pair 0: +−); the validation loss (eval mode) at θ_0, θ_1,
+    θ_2 gives G = ((L_1 − L_0) − (L_2 − L_1))/(2δ); log ρ steps by −lr·G (SGD); step 2 (pair 1 opens with −)
+    runs at the new ρ·e^{−δ}."""
+    delta, lr = 0.5, 3.0
+    trainer = trainer_after_one_update(
+        tmp_path, rho_estimator="antithetic", rho_update_space="log", rho_antithetic_delta=delta,
+        rho_antithetic_batches=1, rho_update_interval=1, rho_lr=lr, max_steps=3,
+    )
+    model = build_model(HEAD).eval()
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = []
+    for t, sign in enumerate([1, -1]):
+        losses.append(float(_loss(model, theta, VAL_BATCH)))
+        theta = _sam_step(model, theta, TRAIN_BATCHES[t], RHO * math.exp(sign * delta))
+    losses.append(float(_loss(model, theta, VAL_BATCH)))
+    G = ((losses[1] - losses[0]) - (losses[2] - losses[1])) / (2 * delta)
+    assert float(trainer.radius.last_grad) == pytest.approx(G, rel=1e-6)
+    rho = RHO * math.exp(-lr * G)
+    assert trainer.rho == pytest.approx(rho, rel=1e-9) and trainer.rho != pytest.approx(RHO, rel=1e-3)
+    theta = _sam_step(model, theta, TRAIN_BATCHES[2], rho * math.exp(-delta))
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.detach(), theta[name], rtol=1e-9, atol=1e-12)

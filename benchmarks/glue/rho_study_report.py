@@ -1,0 +1,158 @@
+"""Issue #34's report: does LETS now find ρ by itself, from any ρ₀?
+
+    python benchmarks/glue/rho_study_report.py [--out_dir benchmarks/results/glue-rho]
+
+Reads the new runs (`run.py --profile study --out_dir benchmarks/results/glue-rho`: LETS estimators from
+several ρ₀, SAM at 0.2) beside issue #15's saved study (AdamW, the SAM grid, one-step LETS-SAM), which it
+never reruns, and writes rho_study.md:
+
+- the ρ₀-robustness table: per LETS method and ρ₀, each task's dev score and final ρ;
+- LETS − SAM at the same ρ₀ and LETS − oracle SAM, paired by seed;
+- the diagnostics per estimator: share of updates that pushed ρ up, the hypergradient's mean SNR and sign
+  agreement over the run (`lets_hf.diagnostics`), and how far ρ moved;
+- CPU minutes per run;
+
+and rho_paths.png (ρ over the steps of every LETS run, a panel per task, the oracle's ρ dashed). While a
+planned cell is empty, rho_study.md says PARTIAL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from report import TASK_TITLES  # noqa: E402
+from saved_runs import load_runs  # noqa: E402
+from study_report import ORACLE, _cell, _cpu_per_run, _minutes, _task_panels, oracle_picks, scores  # noqa: E402
+
+STUDY_DIR = Path(__file__).resolve().parents[1] / "results" / "glue-study"
+#: The tasks issue #34 reruns (RTE optional), in report order.
+TASKS = ("stsb", "mrpc", "sst2", "cola")
+
+
+def split_method(method: str) -> tuple[str, float | None]:
+    """`lets-sam@0.2+trace+val` -> ("lets-sam+trace+val", 0.2): the estimator, and ρ₀ (None: the rule's)."""
+    head, plus, options = method.partition("+")
+    preset, _, rho = head.partition("@")
+    return preset + plus + options, float(rho) if rho else None
+
+
+def _by_seed(cell: dict | None) -> dict[int, float]:
+    return {run["seed"]: score for run, score in zip(cell["runs"], cell["score"])} if cell else {}
+
+
+def _paired(first: dict[int, float], second: dict[int, float]) -> str:
+    diffs = [first[seed] - second[seed] for seed in sorted(first.keys() & second.keys())]
+    if not diffs:
+        return "–"
+    std = f" ± {np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
+    return f"{np.mean(diffs):+.1f}{std} (n={len(diffs)})"
+
+
+def _sam_at(table: dict, task: str, rho: float | None) -> dict | None:
+    return table[task].get(f"sam@{rho:g}" if rho is not None else "sam@0.05")
+
+
+def robustness(table: dict, lets_methods: list[str], seeds: int) -> list[str]:
+    """Per LETS method (ρ₀ in its name): score, final ρ, and the paired differences, one row per task."""
+    picks = oracle_picks(table)
+    header = ["method", "ρ₀", "task", "LETS score", "final ρ", "SAM at ρ₀", "LETS − SAM at ρ₀", "oracle SAM (ρ)",
+              "LETS − oracle"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in lets_methods:
+        estimator, rho0 = split_method(method)
+        for task in (t for t in TASKS if method in table.get(t, {})):
+            cell, sam = table[task][method], _sam_at(table, task, rho0)
+            oracle = table[task].get(picks.get(task))
+            lines.append("| " + " | ".join([
+                estimator, f"{rho0:g}" if rho0 else "default", TASK_TITLES.get(task, task), _cell(cell["score"], seeds),
+                f"{np.mean(cell['final_rho']):.3g}", _cell(sam["score"], seeds) if sam else "–",
+                _paired(_by_seed(cell), _by_seed(sam)),
+                f"{_cell(oracle['score'], seeds)} ({picks[task].partition('@')[2]})" if oracle else "–",
+                _paired(_by_seed(cell), _by_seed(oracle)),
+            ]) + " |")
+    return lines
+
+
+def diagnostics(table: dict, lets_methods: list[str]) -> list[str]:
+    """How each LETS method moved ρ and whether its signal carried information, mean over seeds."""
+    header = ["method", "task", "ρ updates", "pushed up", "mean SNR", "mean sign agreement", "ρ₀ → final ρ (seeds)",
+              "CPU min/run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in lets_methods:
+        for task in (t for t in TASKS if method in table.get(t, {})):
+            cell, stats = table[task][method], []
+            for run in cell["runs"]:
+                log = run["log_history"]
+                grads = np.array([e["rho_grad"] for e in log if "rho_grad" in e])
+                snr = [e["rho_grad_snr"] for e in log if "rho_grad_snr" in e]
+                agreement = [e["rho_grad_sign_agreement"] for e in log if "rho_grad_sign_agreement" in e]
+                stats.append((len(grads), np.mean(grads < 0) if grads.size else np.nan,
+                              np.mean(snr) if snr else np.nan, np.mean(agreement) if agreement else np.nan))
+            updates, up, snr, agreement = np.array(stats).T
+            rho0 = split_method(method)[1]
+            finals = ", ".join(f"{rho:.3g}" for rho in cell["final_rho"])
+            lines.append(f"| {method} | {TASK_TITLES.get(task, task)} | {updates.mean():.0f} | {np.nanmean(up):.0%} | "
+                         f"{np.nanmean(snr):.2f} | {np.nanmean(agreement):.2f} | {rho0 if rho0 else 'default'} → {finals} | "
+                         f"{_minutes(_cpu_per_run(cell), 1)} |")
+    return lines
+
+
+def plot_rho_paths(table: dict, lets_methods: list[str], path: Path) -> None:
+    tasks = [t for t in TASKS if any(m in table.get(t, {}) for m in lets_methods)]
+    picks = oracle_picks(table)
+    colors = {method: f"C{i % 10}" for i, method in enumerate(lets_methods)}
+
+    def draw(ax, task):
+        for method in (m for m in lets_methods if m in table[task]):
+            for i, run in enumerate(table[task][method]["runs"]):
+                points = [(e["step"], e["rho"]) for e in run["log_history"] if "rho" in e]
+                ax.plot(*zip(*points), lw=0.9, alpha=0.8, color=colors[method], label=method if i == 0 else None)
+        if task in picks:
+            ax.axhline(float(picks[task].partition("@")[2]), color="black", ls="--", lw=1, label=ORACLE + " ρ")
+        ax.set_yscale("log")
+
+    if tasks:
+        _task_panels(tasks, draw, "optimizer step", "ρ (log scale)", path)
+
+
+def write_report(out_dir: Path, study_dir: Path = STUDY_DIR, seeds: int = 3) -> str:
+    new = load_runs(out_dir)
+    table = scores([run for run in load_runs(study_dir) if run["task"] in TASKS] + new)
+    lets_methods = sorted({run["method"] for run in new if run["method"].startswith("lets-")},
+                          key=lambda m: (split_method(m)[0], split_method(m)[1] or 0))
+    planned = [(task, method) for task in TASKS for method in {run["method"] for run in new}]
+    partial = any(len(table[task].get(method, {"runs": []})["runs"]) < seeds for task, method in planned)
+    cpu_hours = sum(run.get("cpu_time_s", 0) for run in new) / 3600
+    text = "\n".join([
+        "# Does LETS now find ρ by itself? (issue #34)", "",
+        *(["**PARTIAL: runs are still to come; a cell with (n=k) has k of 3 seeds, a task without a row none "
+           "yet.**", ""] if partial else []),
+        "Dev score ×100, mean ± std over seeds; differences paired by seed. SAM grid, AdamW and one-step "
+        "LETS-SAM are issue #15's saved runs (`benchmarks/results/glue-study`); the LETS runs here and SAM at 0.2 "
+        "are new, with the same study profile.", "",
+        "## ρ₀ robustness", "", *robustness(table, lets_methods, seeds), "",
+        "## Diagnostics per estimator", "",
+        "'pushed up': share of updates with dF/dρ < 0; SNR: |mean|/std of dF/dρ over the last 20 updates, "
+        "averaged over the logging steps; sign agreement: share of those updates with the mean's sign (0.5: coin "
+        "flips). CPU: one-thread CPU minutes per run (median over seeds).", "",
+        *diagnostics(table, lets_methods), "",
+        f"CPU time of the {len(new)} new runs: {cpu_hours:.1f} CPU-hours.", "",
+    ])
+    (out_dir / "rho_study.md").write_text(text)
+    plot_rho_paths(table, lets_methods, out_dir / "rho_paths.png")
+    return text
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parents[1] / "results" / "glue-rho"))
+    cli = parser.parse_args()
+    print(write_report(Path(cli.out_dir)))
