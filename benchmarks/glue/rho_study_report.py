@@ -154,5 +154,6 @@ def write_report(out_dir: Path, study_dir: Path = STUDY_DIR, seeds: int = 3) -> 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parents[1] / "results" / "glue-rho"))
+    parser.add_argument("--study_dir", default=str(STUDY_DIR), help="issue #15's saved runs (AdamW, the SAM grid)")
     cli = parser.parse_args()
-    print(write_report(Path(cli.out_dir)))
+    print(write_report(Path(cli.out_dir), Path(cli.study_dir)))

@@ -46,7 +46,45 @@ def test_smoke_study_saves_each_grid_point_and_reports_the_oracle(tmp_path):
 def test_a_typo_in_a_method_is_refused_before_any_run(tmp_path):
     done = run("--profile", "smoke", "--methods", "adamw", "sma@0.1", "--out_dir", str(tmp_path))
     assert done.returncode != 0 and "Unknown method 'sma@0.1'" in done.stderr
+    done = run("--profile", "smoke", "--methods", "adamw", "lets-sam@0.2+antithetik", "--out_dir", str(tmp_path))
+    assert done.returncode != 0 and "Unknown option +antithetik" in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_method_options_set_the_lets_fields():
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path[:0] = [sys.argv[1]]; import run; "
+         "print(run.parse_method('lets-sam@0.2+antithetic+lr0.1'), run.parse_method('lets-sam+trace+val+mu0.99'))",
+         str(REPO / "benchmarks" / "glue")], capture_output=True, text=True, env=ONE_THREAD,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == (
+        "('lets-sam', 0.2, {'rho_estimator': 'antithetic', 'rho_update_space': 'log', 'rho_lr': 0.1}) "
+        "('lets-sam', None, {'rho_estimator': 'trace', 'rho_objective': 'val-loss', 'rho_trace_decay': 0.99})"
+    ).split()
+
+
+def test_rho_study_report_pairs_lets_with_sam_at_its_start_and_the_oracle(tmp_path):
+    """Issue #34's report on hand-made runs: STS-B, SAM 0.01 (the oracle, 80) and 0.05 (60) from the old
+    study; LETS from ρ₀ = 0.05 at 70, 72 and 74 over seeds 0-2 with 4 ρ updates each, 3 pushing ρ up."""
+    study, new = tmp_path / "study", tmp_path / "new"
+    for seed in range(3):
+        for method, score in (("sam@0.01", 0.80), ("sam@0.05", 0.60)):
+            _save_synthetic_run(study, method, seed, score, 60, threads=1, task="stsb", metric="pearson")
+        log = [{"step": 10 * k, "rho": 0.05 / (k + 1), "rho_grad": g, "rho_grad_snr": 0.5,
+                "rho_grad_sign_agreement": 0.75} for k, g in enumerate((1.0, 2.0, -1.0, 3.0))]
+        _save_synthetic_run(new, "lets-sam@0.05+antithetic", seed, 0.70 + 0.02 * seed, 120, threads=1, task="stsb",
+                            metric="pearson", final_rho=0.0125, log_history=log)
+    script = REPO / "benchmarks" / "glue" / "rho_study_report.py"
+    done = subprocess.run([sys.executable, str(script), "--out_dir", str(new), "--study_dir", str(study)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = (new / "rho_study.md").read_text().splitlines()
+    assert ("| lets-sam+antithetic | 0.05 | STS-B | 72.0 ± 2.0 | 0.0125 | 60.0 ± 0.0 | +12.0 ± 2.0 (n=3) | "
+            "80.0 ± 0.0 (0.01) | -8.0 ± 2.0 (n=3) |") in lines
+    assert "| lets-sam@0.05+antithetic | STS-B | 4 | 25% | 0.50 | 0.75 | 0.05 → 0.0125, 0.0125, 0.0125 | 2.0 |" in lines
+    assert any(line.startswith("**PARTIAL") for line in lines)  # MRPC, SST-2 and CoLA have no runs yet
+    assert (new / "rho_paths.png").is_file()
 
 
 def _save_synthetic_run(out_dir, method: str, seed: int, accuracy: float, cpu_time_s: float, threads: int,
