@@ -66,13 +66,14 @@ def test_method_options_set_the_lets_fields():
 
 def test_rho_study_report_pairs_lets_with_sam_at_its_start_and_the_oracle(tmp_path):
     """Issue #34's report on hand-made runs: STS-B, SAM 0.01 (the oracle, 80) and 0.05 (60) from the old
-    study; LETS from ρ₀ = 0.05 at 70, 72 and 74 over seeds 0-2 with 4 ρ updates each, 3 pushing ρ up."""
+    study; LETS from ρ₀ = 0.05 at 70, 72 and 74 over seeds 0-2 with 4 ρ updates each (one logged twice: a
+    logging step without a new update repeats the last), 1 pushing ρ up."""
     study, new = tmp_path / "study", tmp_path / "new"
     for seed in range(3):
         for method, score in (("sam@0.01", 0.80), ("sam@0.05", 0.60)):
             _save_synthetic_run(study, method, seed, score, 60, threads=1, task="stsb", metric="pearson")
-        log = [{"step": 10 * k, "rho": 0.05 / (k + 1), "rho_grad": g, "rho_grad_snr": 0.5,
-                "rho_grad_sign_agreement": 0.75} for k, g in enumerate((1.0, 2.0, -1.0, 3.0))]
+        log = [{"step": 5 * k, "rho": 0.05 / (k + 1), "rho_grad": g, "rho_grad_snr": 0.5,  # 2.0 logged twice
+                "rho_grad_sign_agreement": 0.75} for k, g in enumerate((1.0, 2.0, 2.0, -1.0, 3.0))]
         _save_synthetic_run(new, "lets-sam@0.05+antithetic", seed, 0.70 + 0.02 * seed, 120, threads=1, task="stsb",
                             metric="pearson", final_rho=0.0125, log_history=log)
     script = REPO / "benchmarks" / "glue" / "rho_study_report.py"
