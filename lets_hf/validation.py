@@ -15,14 +15,16 @@ from torch.utils.data import Dataset, Subset
 from .errors import UsageError
 
 
-def split_for_rho(train_dataset, fraction: float, seed: int):
-    """Split `train_dataset` into (train, rho) with a fixed seed; the parts never overlap."""
+def split_for_rho(train_dataset, fraction: float, seed: int, count: int | None = None):
+    """Split `train_dataset` into (train, rho) with a fixed seed; the parts never overlap. `count`, when
+    given, is the number of examples held out (instead of `fraction` of them)."""
     n = len(train_dataset)
-    n_rho = max(1, round(fraction * n))
+    n_rho = count if count is not None else max(1, round(fraction * n))
     if n_rho >= n:
         raise UsageError(
-            f"train_dataset has {n} examples: too few to hold out rho_val_fraction={fraction} for the ρ validation "
-            "set and still train. Pass a separate rho_dataset to LETSTrainer or lower rho_val_fraction."
+            f"train_dataset has {n} examples: too few to hold out {n_rho} for the ρ validation set and still train. "
+            "Pass a separate rho_dataset to LETSTrainer, or lower rho_val_fraction (rho_antithetic_batches or "
+            "rho_batch_size with the antithetic estimator)."
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     rho_indices, train_indices = sorted(order[:n_rho]), sorted(order[n_rho:])

@@ -1,8 +1,8 @@
 """Issue #34's report: does LETS now find ρ by itself, from any ρ₀?
 
-    python benchmarks/glue/rho_study_report.py [--out_dir benchmarks/results/glue-rho]
+    python benchmarks/glue/rho_study_report.py [--out_dir benchmarks/results/glue-rho-study]
 
-Reads the new runs (`run.py --profile study --out_dir benchmarks/results/glue-rho`: LETS estimators from
+Reads the new runs (`run.py --profile study --out_dir benchmarks/results/glue-rho-study`: LETS estimators from
 several ρ₀, SAM at 0.2) beside issue #15's saved study (AdamW, the SAM grid, one-step LETS-SAM), which it
 never reruns, and writes rho_study.md:
 
@@ -159,7 +159,7 @@ def write_report(out_dir: Path, study_dir: Path = STUDY_DIR, seeds: int = 3) -> 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parents[1] / "results" / "glue-rho"))
+    parser.add_argument("--out_dir", default=str(Path(__file__).resolve().parents[1] / "results" / "glue-rho-study"))
     parser.add_argument("--study_dir", default=str(STUDY_DIR), help="issue #15's saved runs (AdamW, the SAM grid)")
     cli = parser.parse_args()
     print(write_report(Path(cli.out_dir), Path(cli.study_dir)))

@@ -92,6 +92,17 @@ def test_validation_split_never_overlaps_training(make_args):
     assert set(again.rho_dataset["idx"]) == rho_ids  # fixed seed
 
 
+def test_the_antithetic_estimator_holds_out_only_its_fixed_batches(make_args):
+    """2 batches of 4: 8 of 50 examples held out (not rho_val_fraction's 10), never trained on."""
+    data = ToyDataset(50)
+    table = datasets.Dataset.from_dict({"x": data.x.tolist(), "labels": data.labels.tolist(), "idx": list(range(50))})
+    args = _lets_args(make_args, rho_val_fraction=0.2, rho_estimator="antithetic", rho_update_space="log",
+                      rho_antithetic_batches=2)
+    trainer = LETSTrainer(model=TinyClassifier(), args=args, train_dataset=table)
+    train_ids, rho_ids = set(trainer.train_dataset["idx"]), set(trainer.rho_dataset["idx"])
+    assert len(rho_ids) == 8 and not train_ids & rho_ids and train_ids | rho_ids == set(range(50))
+
+
 def test_logs_carry_rho_gap_and_hypergradient_every_logging_step(make_args):
     args = _lets_args(make_args, max_steps=6, logging_steps=1, rho_update_interval=2)
     trainer = LETSTrainer(model=TinyClassifier(), args=args, train_dataset=ToyDataset(64))
