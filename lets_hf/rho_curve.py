@@ -8,8 +8,8 @@ from pathlib import Path
 CURVES = (
     ("rho", "ρ"),
     ("gen_gap", "L_val − L_train"),
-    ("rho_inner", "⟨∇L_val (− ∇L_train), ∂θ/∂ρ⟩"),
-    ("rho_grad", "dF/dρ (mean over the logging window)"),
+    ("rho_inner", "⟨∇L_val (− ∇L_train), ∂θ/∂ρ⟩\nor Δ₊ − Δ₋ (antithetic)"),
+    ("rho_grad", "dF/dρ (log space: dF/d log ρ),\nmean over the logging window"),
     ("rho_grad_snr", "SNR of dF/dρ, |mean|/std"),
     ("rho_grad_sign_agreement", "sign agreement of dF/dρ"),
 )
