@@ -159,8 +159,8 @@ class LETSArguments:
     rho_estimator: str = field(
         default="one-step",
         metadata={
-            "help": "∂θ/∂ρ: 'one-step' (through the last step, the paper's) or 'trace' (forward trace over all "
-            "steps with decay rho_trace_decay)."
+            "help": "ρ's signal: 'one-step' (∂θ/∂ρ through the last step, the paper's), 'trace' (forward trace of "
+            "∂θ/∂ρ over all steps, decay rho_trace_decay) or 'antithetic' (windows at ρ·e^(±δ), needs log space)."
         },
     )
     rho_trace_decay: float = field(

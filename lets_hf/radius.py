@@ -71,8 +71,10 @@ class Radius:
 
     def tracks_step(self, global_step: int) -> bool:
         """One-step: step t needs u_t only if step t+1 updates ρ. The trace follows every step."""
-        if self.trace_decay or self.antithetic:
-            return self.learn and not self.antithetic
+        if self.antithetic:
+            return False
+        if self.trace_decay:
+            return self.learn
         return self.learn and (global_step + 1) % self.args.rho_update_interval == 0
 
     @property
