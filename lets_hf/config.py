@@ -2,7 +2,8 @@
 `TrainingArguments` (`LETSConfig`) and `Seq2SeqTrainingArguments` (`LETSSeq2SeqConfig`).
 
 `LETSArguments` is a plain dataclass holding only the LETS fields, so it joins any
-`TrainingArguments` subclass in either base order without touching that class's defaults:
+`TrainingArguments` subclass in either base order without touching that class's defaults, and
+configures `LETSEngine` alone in a loop without Trainer:
 
     @dataclass
     class MyConfig(LETSArguments, MyTrainingArguments): ...
@@ -233,7 +234,8 @@ class LETSArguments:
         """Validate before and after the other base's own `__post_init__` (when that base comes later in the
         MRO; otherwise the trainer validates these fields when it is built)."""
         self._check_before_training_arguments()
-        super().__post_init__()
+        if hasattr(super(), "__post_init__"):  # alone, for `LETSEngine` in a plain loop, it has no other base
+            super().__post_init__()
         self.check_lets_arguments()
 
     def check_lets_arguments(self) -> None:
@@ -242,7 +244,7 @@ class LETSArguments:
         self._check_after_training_arguments()
 
     def _check_before_training_arguments(self) -> None:
-        if self.sam_variant != "none" and self.deepspeed:
+        if self.sam_variant != "none" and getattr(self, "deepspeed", None):
             raise UsageError(
                 "LETSTrainer does not support DeepSpeed yet (its engine owns the backward and the gradient buffers "
                 "that the perturbation needs). Remove --deepspeed and launch with DDP: accelerate launch --multi_gpu."
@@ -319,7 +321,7 @@ class LETSArguments:
             )
         if self.sam_variant != "none" and fsdp_version == 2:
             check_fsdp2_settings(self)
-        if self.fp16 and not _has_accelerator(self.use_cpu):
+        if getattr(self, "fp16", False) and not _has_accelerator(self.use_cpu):
             raise UsageError(
                 "fp16 needs a GPU (its loss scaling runs on CUDA), and this run is on the CPU, where it would "
                 "change nothing. Remove --fp16, or use --bf16 where the CPU supports it."

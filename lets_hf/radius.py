@@ -14,7 +14,7 @@ and at θ_{t+1}, by `rho_objective`:
 The `antithetic` estimator needs no ∂θ/∂ρ: it compares the validation loss changes of windows run at
 ρ·e^{±δ} (`radius_at`, `observe_window`).
 
-The trainer fills `u` with w_t (`begin_direction_`, then d_t added; w_t = d_t for one-step), turns
+The engine fills `u` with w_t (`begin_direction_`, then d_t added; w_t = d_t for one-step), turns
 it into H·w_t after the second pass (`apply_hessian_`) and into h_{t+1} after the optimizer step
 (`apply_descent_jacobian_`, which adds back the kept μ·h_t). Everything stays on the device: no host
 synchronisation outside logging.
@@ -139,9 +139,8 @@ class Radius:
             if inv_scale != 1.0:
                 torch._foreach_mul_(u, inv_scale * inv_scale)
 
-    def set_clip_coef(self, descent_grads: list[torch.Tensor], inv_scale: float) -> None:
-        """c_t of Trainer's clipping (torch's formula), held constant in the hypergradient."""
-        max_norm = self.args.max_grad_norm
+    def set_clip_coef(self, descent_grads: list[torch.Tensor], inv_scale: float, max_norm: float) -> None:
+        """c_t of the loop's clipping to `max_norm` (torch's formula), held constant in the hypergradient."""
         if not max_norm or max_norm <= 0:
             self.clip_coef.fill_(1.0)
             return

@@ -69,6 +69,10 @@ class RhoBatches:
         self.drawn += 1
         return self.collate_fn([self.dataset[i] for i in self._order[start : start + self.batch_size]])
 
+    def restarted(self) -> "RhoBatches":
+        """The same stream from its first batch, leaving this one where it is."""
+        return RhoBatches(self.dataset, self.collate_fn, self.batch_size, self.world_size, self.rank, self.seed)
+
     def pass_seed(self) -> int:
         """Seed of the validation pass on the batch drawn last: a function of (rho_seed, batch, rank) only,
         so a resumed run draws the same dropout masks without saving a random state."""

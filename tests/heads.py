@@ -175,5 +175,5 @@ def train(
         "world": args.world_size,
         "normalization": trainer.loss_normalization,
         "model": trainer.model,
-        "grad_scale": trainer.grad_scaler.get_scale() if trainer.grad_scaler is not None else None,
+        "grad_scale": trainer.engine.grad_scaler.get_scale() if trainer.engine.grad_scaler is not None else None,
     }

@@ -144,7 +144,7 @@ def test_fp16_scaler_unscales_before_the_rule_and_the_rho_update(make_args, vari
     plain = LETSTrainer(model=_Poisoned(None), args=plain_args, train_dataset=ToyDataset(64), rho_dataset=ToyDataset(16, seed=1))
     plain.train()
     assert scaled.accelerator.scaler.get_scale() == 2.0**10
-    assert scaled.grad_scaler is scaled.accelerator.scaler and plain.grad_scaler is None
+    assert scaled.engine.grad_scaler is scaled.accelerator.scaler and plain.engine.grad_scaler is None
     assert scaled.rho == pytest.approx(plain.rho, rel=1e-6)
     for p, q in zip(scaled.model.parameters(), plain.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)

@@ -41,7 +41,7 @@ def test_one_sam_step_moves_only_the_adapters_as_sam_by_hand(tmp_path, one_threa
 
     adapters = [p for p in reference.parameters() if p.requires_grad]
     assert adapters and all("lora_" in n for n, p in reference.named_parameters() if p.requires_grad)
-    assert len(trainer._backup) == len(adapters)  # the θ backup (and so ε) covers the adapters only
+    assert len(trainer.engine._backup) == len(adapters)  # the θ backup (and so ε) covers the adapters only
     batch = {key: torch.stack([row[key] for row in _rows(8)]) for key in _rows(8)[0]}
     grads = torch.autograd.grad(reference(**batch).loss, adapters)
     norm = torch.sqrt(sum((g * g).sum() for g in grads))

@@ -121,8 +121,8 @@ def test_sam_peak_memory_is_plain_training_plus_one_parameter_buffer(make_args):
 def test_buffers_are_allocated_once(make_args):
     trainer = _wide_trainer(make_args, sam_variant="sam", learn_rho=True)
     trainer.train()
-    before = [t.data_ptr() for t in [*trainer._backup.values(), *trainer.radius.u]]
+    before = [t.data_ptr() for t in [*trainer.engine._backup.values(), *trainer.radius.u]]
     trainer.args.max_steps = 6
     trainer.train(resume_from_checkpoint=False)
-    after = [t.data_ptr() for t in [*trainer._backup.values(), *trainer.radius.u]]
+    after = [t.data_ptr() for t in [*trainer.engine._backup.values(), *trainer.radius.u]]
     assert before == after

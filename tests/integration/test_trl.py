@@ -98,7 +98,7 @@ def test_lora_perturbs_only_the_adapters(tmp_path, tokenizer):
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     trainer.train()
     adapters = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    assert adapters and all("lora_" in n for n in adapters) and len(trainer._backup) == len(adapters)
+    assert adapters and all("lora_" in n for n in adapters) and len(trainer.engine._backup) == len(adapters)
     assert all(torch.equal(p, frozen[n]) for n, p in trainer.model.named_parameters() if n in frozen)
 
 

@@ -399,7 +399,7 @@ def test_bisam_surrogate_of_a_causal_lm_scores_the_next_token(make_args):
     labels = ids.clone()
     labels[0, :2] = -100  # an unscored prompt
     trainer = LETSTrainer(model=model, args=make_args(sam_variant="bisam", max_steps=1), train_dataset=ToyDataset(8))
-    trainer._surrogate_pass = True
+    trainer.engine.surrogate_pass = True
     loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
     logits = model(input_ids=ids).logits
     expected = trainer.rule.first_pass_loss(logits[:, :-1], labels[:, 1:])

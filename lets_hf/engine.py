@@ -1,0 +1,392 @@
+"""`LETSEngine`: one optimizer step of a SAM-family rule, with a learned ρ, for any training loop.
+
+It knows nothing about `Trainer`: a loop gives it the model, the optimizer, how to run a micro-batch
+(`lets_hf.passes`), an `accelerate.Accelerator` (or nothing for one process) and, for a learned ρ,
+the validation batches. `LETSMixin` is its adapter to `Trainer`; a plain loop drives it directly
+(README, "Without Trainer"):
+
+    loss = engine.backward(batch)   # every micro-batch: first pass; on the last one perturb, second pass, restore
+    engine.step()                   # on the last one: clip, optimizer step, ∂θ/∂ρ
+
+Per optimizer step (global scope, M accumulation micro-batches):
+
+1. first passes: each micro-batch runs the loop's own backward under `no_sync`, accumulating g in
+   `.grad`; the micro-batches are cached;
+2. on the last micro-batch: average g over ranks (one all-reduce; under FSDP2, its own reduce-scatter
+   of that pass, leaving g sharded), update ρ if due (`lets_hf.hypergradient`), turn g into ε = ρ·d
+   with the rule, perturb θ;
+3. second passes at θ + ε over the cached micro-batches (DDP syncs on the last one), then restore θ
+   bit-exactly from a backup;
+4. the optimizer steps; `after_optimizer_step` then turns the stored H·d into u = ∂θ_{t+1}/∂ρ.
+
+Under FSDP2 every parameter-shaped tensor (g, ε, the backup, u) is a shard and every norm or inner
+product one scalar all-reduce (`lets_hf.tensor_lists`). In the local scope (DDP only) each micro-batch
+perturbs with its own (rank-local) gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from accelerate.utils import DistributedType
+
+from .config import check_fsdp2_settings, check_rho_within_bounds
+from .distributed import GradientAverager
+from .errors import UsageError
+from .hypergradient import Hypergradient
+from .nonfinite import NonFiniteGuard
+from .passes import LoopPasses, SingleProcess
+from .radius import Radius, check_optimizer_supported
+from .rules import get_rule
+from .tensor_lists import copy_, global_norm
+
+
+class LETSEngine:
+    """SAM-family steps and a learned ρ around a loop's own forward and backward.
+
+    Args:
+        model: the model the loop trains (wrapped by `accelerator.prepare` where there is one).
+        optimizer: its optimizer; may be set later (`engine.optimizer = ...`), before the first step.
+        args: the LETS fields (`LETSArguments`, or any config with them, such as `LETSConfig`).
+        loss_fn: `loss_fn(model, batch)`, the mean loss of one micro-batch, for a plain loop.
+        passes: how to run a micro-batch, instead of `loss_fn` (`LETSMixin` passes Trainer's).
+        accelerator: an `accelerate.Accelerator` (DDP, FSDP2, mixed precision, accumulation), or `None`.
+        rho_batches: validation batches of the upper level (a `lets_hf.RhoBatches`), or a function that makes
+            them once the settings are checked; needed with `learn_rho`.
+        max_grad_norm: clipping of the descent gradient (0: none); it enters the hypergradient.
+        gradient_accumulation_steps: micro-batches per step without an accelerator (with one, its own).
+        peak_lr: learning rate at the peak of the schedule (BSAM's min side follows lr/peak); default: the
+            optimizer's initial learning rate.
+    """
+
+    def __init__(self, model, optimizer, args, *, loss_fn=None, passes=None, accelerator=None, rho_batches=None,
+                 max_grad_norm: float = 0.0, gradient_accumulation_steps: int = 1, peak_lr: float | None = None):
+        args.check_lets_arguments()
+        self.args, self.model, self.optimizer = args, model, optimizer
+        self.accelerator = accelerator if accelerator is not None else SingleProcess(model, gradient_accumulation_steps)
+        if passes is None and loss_fn is None:
+            raise UsageError("LETSEngine needs loss_fn(model, batch) (or passes) to run a micro-batch.")
+        self.passes = passes if passes is not None else LoopPasses(loss_fn, self.accelerator)
+        self.max_grad_norm, self.peak_lr = max_grad_norm, peak_lr
+        self.rule = get_rule(args.sam_variant, args) if args.sam_variant != "none" else None
+        self.nonfinite = NonFiniteGuard(args.nonfinite_patience)
+        self.global_step = 0  # optimizer steps done; `LETSMixin` sets it from Trainer's state
+        self.step_skipped = False
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._metric_counts: dict[str, int] = {}
+        if self.rule is None:
+            return
+        if self.rule.first_pass_loss is not None and passes is None:
+            raise UsageError(
+                f"sam_variant={args.sam_variant!r} descends on a surrogate of the logits in its first pass, which a "
+                "plain loss_fn cannot give. Use LETSTrainer, or another rule (sam, asam, ...)."
+            )
+        self.sharded = self._check_distributed_type()
+        initial_rho = args.rho if args.rho is not None else self.rule.default_rho
+        if args.learn_rho:
+            check_rho_within_bounds(initial_rho, args.rho_min, args.rho_max)
+            if rho_batches is None:
+                raise UsageError("learn_rho=True needs validation data: pass rho_batches (held out from training).")
+            rho_batches = rho_batches() if callable(rho_batches) else rho_batches
+        self.radius = Radius(args, initial_rho, self.accelerator.device)
+        self.hypergradient = Hypergradient(self, rho_batches)
+        self.average_grads = GradientAverager()
+        self._backup: dict[int, torch.Tensor] = {}  # θ before the perturbation, per parameter
+        self._cached: list = []
+        self._first_losses: list[torch.Tensor] = []
+        self._micro_batches = 0
+        self.surrogate_pass = False  # BiSAM: the adapter's loss reads it (its first pass descends on ∇Q)
+
+    def _check_distributed_type(self) -> bool:
+        """DDP or FSDP2 (returns whether parameters are sharded); FSDP1 and DeepSpeed are refused."""
+        distributed_type = self.accelerator.distributed_type
+        if distributed_type == DistributedType.DEEPSPEED or (
+            distributed_type == DistributedType.FSDP and not self.accelerator.is_fsdp2
+        ):
+            name = "FSDP1" if distributed_type == DistributedType.FSDP else "DeepSpeed"
+            raise UsageError(
+                f"LETS does not support {name}: its engine owns the gradient buffers the perturbation needs. Launch "
+                "with FSDP2 (accelerate launch --config_file examples/accelerate_fsdp2.yaml, or fsdp_config="
+                "{'version': 2}) or with DDP (accelerate launch --multi_gpu)."
+            )
+        if distributed_type != DistributedType.FSDP:
+            return False
+        check_fsdp2_settings(self.args)  # launched from an accelerate config: TrainingArguments never saw it
+        return True
+
+    @property
+    def rho(self) -> float:
+        """The current perturbation radius (0.0 for `sam_variant="none"`)."""
+        return float(self.radius.value) if self.rule is not None else 0.0
+
+    @property
+    def grad_scaler(self):
+        """Accelerate's fp16 grad scaler while it scales the loss, else `None` (bf16, fp32, or disabled)."""
+        scaler = self.accelerator.scaler
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
+    # ------------------------------------------------------------------ the loop's calls
+    def backward(self, batch, model=None) -> torch.Tensor:
+        """One micro-batch: the loop's own forward and backward; on the last micro-batch of a step, also the
+        perturbation, the second passes and the restore. Returns the first pass's loss, scaled as the loop's."""
+        model = self.model = model if model is not None else self.model
+        if isinstance(self.accelerator, SingleProcess):
+            self.accelerator.start_micro_batch()
+        if self.rule is None:
+            loss = self.passes.backward(model, batch)
+        elif self.args.sam_scope == "local":
+            loss = self._local_step(model, batch)
+        else:
+            loss = self._global_step(model, batch)
+        self.nonfinite.observe_loss(loss)
+        return loss
+
+    def step(self) -> bool:
+        """For a plain loop, after `backward` on every micro-batch: on the last one, clip, step the optimizer
+        and track ∂θ/∂ρ. Returns whether this was the last micro-batch (the optimizer stepped or skipped)."""
+        if not self.accelerator.sync_gradients:
+            return False
+        if self.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.before_optimizer_step()
+        self.optimizer.step()
+        self.after_optimizer_step(skipped=self.accelerator.optimizer_step_was_skipped)
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def before_optimizer_step(self) -> None:
+        """Skip a non-finite step (the optimizer leaves parameters without a gradient, and their state,
+        untouched), or stop after `nonfinite_patience` of them in a row."""
+        finite = self.nonfinite.end_step(self.global_step + 1, self._likely_causes_of_nonfinite)
+        if not finite and self.grad_scaler is None:  # a grad scaler skips the step by itself
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step_skipped = not finite
+
+    def after_optimizer_step(self, skipped: bool = False) -> None:
+        """Turns H·d into u = ∂θ_{t+1}/∂ρ once the optimizer has stepped (its state is then v̂_t)."""
+        if self.rule is not None:
+            if skipped or self.step_skipped:
+                self.radius.skip_step()
+            elif self.radius.tracks_step(self.global_step):
+                params = self.trainable(self.model)[1]
+                self.radius.apply_descent_jacobian_(self.optimizer, params, self.radius.buffers_like(params))
+            self.radius.step_done()
+        self.global_step += 1
+
+    def check_optimizer(self) -> None:
+        if self.args.learn_rho:
+            check_optimizer_supported(self.optimizer)
+
+    def _likely_causes_of_nonfinite(self) -> str:
+        rho = f", a perturbation radius too large (rho = {self.rho:.4g})" if self.rule is not None else ""
+        lr = self.peak_lr if self.peak_lr is not None else self.optimizer.param_groups[0]["lr"]
+        return f"a learning rate too high (learning_rate = {lr:g}){rho}, or NaN/inf in the data"
+
+    # ------------------------------------------------------------------ the step
+    def _global_step(self, model, batch):
+        last_micro_batch = self.accelerator.sync_gradients
+        with self._first_pass_sync(model, last_micro_batch), self._first_pass():
+            loss = self.passes.backward(model, batch)
+        self._cached.append(batch)
+        self._first_losses.append(loss)
+        if not last_micro_batch:
+            return loss
+
+        names, params, grads = self.trainable_with_grad(model)
+        if not self.sharded:
+            self.average_grads(grads)
+        if self._unscale_(grads) is not None:
+            if self.radius.update_due(self.global_step):
+                train_loss = torch.stack(self._first_losses).sum()
+                self.hypergradient.update_rho(model, params, grads, train_loss, self._cached, micro_batches=1)
+            tracked = self._perturb_(names, params, grads, mean_of=1, first_micro_batch=True)
+            self.second_passes(model, self._cached)
+            if tracked:
+                self.hypergradient.hessian_direction_(model, cached=self._cached)
+            self._restore_(params)
+            self._min_side_passes(model, params)
+            if tracked:
+                self.hypergradient.clip_coefficient(model)
+        self._cached, self._first_losses = [], []
+        return loss
+
+    def _first_pass_sync(self, model, last_micro_batch: bool):
+        """DDP: no sync (g is all-reduced once, flat, afterwards). FSDP2: its reduce-scatter on the last
+        micro-batch averages the accumulated g exactly once and leaves it sharded."""
+        if self.sharded and last_micro_batch:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)
+
+    def synced_on_last(self, model, batches):
+        """Yields each of `batches` with gradient sync off but for the last: DDP's all-reduce (FSDP2's
+        reduce-scatter) then runs once, over the gradient accumulated from all of them."""
+        for i, batch in enumerate(batches):
+            with contextlib.nullcontext() if i == len(batches) - 1 else self.accelerator.no_sync(model):
+                yield batch
+
+    def second_passes(self, model, cached):
+        """Descent gradient at the perturbed point; DDP all-reduces on the last micro-batch only."""
+        for batch in self.synced_on_last(model, cached):
+            with self.passes.extra_pass():
+                self.passes.backward(model, batch)
+
+    def _min_side_passes(self, model, params):
+        """Bilateral rules (BSAM): a third gradient at θ − ρ_min·d, combined by the rule."""
+        if not self.rule.bilateral:
+            return
+        min_radius = self.rule.min_side_radius(self._lr_ratio())
+        descent = [p.grad for p in params]
+        self.rule.keep_ascent_gradient_(descent)
+        torch._foreach_zero_(descent)
+        with torch.no_grad():
+            torch._foreach_add_(params, self.rule.min_side_perturbation(min_radius))
+        self.second_passes(model, self._cached)
+        self._restore_(params)
+        self.rule.combine_(descent, grad_scale=1.0 / self.scale_inverse())
+
+    def _lr_ratio(self) -> float:
+        """lr_t / lr_peak, for rules whose radius follows the learning-rate schedule."""
+        group = self.optimizer.param_groups[0]
+        peak = self.peak_lr if self.peak_lr is not None else group.get("initial_lr", group["lr"])
+        return group["lr"] / peak if peak else 1.0
+
+    @contextlib.contextmanager
+    def _first_pass(self):
+        """Rules with a surrogate objective (BiSAM) use it for the first pass only."""
+        self.surrogate_pass = self.rule.first_pass_loss is not None
+        try:
+            yield
+        finally:
+            self.surrogate_pass = False
+
+    def _local_step(self, model, batch):
+        """m-sharpness: this micro-batch's own gradient, kept apart from the accumulated descent gradient."""
+        names, params = self.trainable(model)
+        accumulated = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        with self.accelerator.no_sync(model), self._first_pass():
+            loss = self.passes.backward(model, batch)
+        first = [p.grad for p in params]
+        for p, acc in zip(params, accumulated):
+            p.grad = acc
+        keep = [i for i, g in enumerate(first) if g is not None]
+        names, params, grads = [names[i] for i in keep], [params[i] for i in keep], [first[i] for i in keep]
+        first.clear()  # `grads` alone holds the first-pass gradient, so `_perturb_` can free it
+        first_micro_batch, self._micro_batches = self._micro_batches == 0, self._micro_batches + 1
+        micro_batches = self.passes.accumulation_steps()
+        if self._unscale_(grads) is None:  # overflow: hand the inf to the grad scaler so the step is skipped
+            for p, g in zip(params, grads):
+                p.grad = g if p.grad is None else p.grad.add_(g)
+        else:
+            if first_micro_batch and self.radius.update_due(self.global_step):
+                self.hypergradient.update_rho(model, params, grads, loss * micro_batches, [batch], micro_batches)
+            self._perturb_(names, params, grads, mean_of=micro_batches, first_micro_batch=first_micro_batch)
+            with self.passes.extra_pass():
+                self.passes.backward(model, batch)
+            self._restore_(params)
+        if self.accelerator.sync_gradients:
+            if self.radius.tracks_step(self.global_step):
+                self.hypergradient.hessian_direction_(model, cached=None)
+                self.hypergradient.clip_coefficient(model)
+            self._micro_batches = 0
+        return loss
+
+    # ------------------------------------------------------------------ pieces
+    @staticmethod
+    def trainable(model):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [n for n, _ in named], [p for _, p in named]
+
+    @staticmethod
+    def trainable_with_grad(model):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+        return [n for n, _ in named], [p for _, p in named], [p.grad for _, p in named]
+
+    def scale_inverse(self) -> float:
+        return 1.0 / self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0
+
+    def _unscale_(self, grads) -> float | None:
+        """Undo fp16 loss scaling in place; `None` when the gradient overflowed (the step will be skipped)."""
+        inv_scale = self.scale_inverse()
+        if inv_scale == 1.0:
+            return 1.0
+        torch._foreach_mul_(grads, inv_scale)
+        return inv_scale if torch.isfinite(global_norm(grads)).item() else None
+
+    def _perturb_(self, names, params, grads, mean_of: int, first_micro_batch: bool) -> bool:
+        """θ ← θ + ρ·d (θ backed up). Returns whether this step tracks d for the next ρ update.
+
+        With `mean_of` > 1 (local scope) the tracked direction is the mean over micro-batches.
+        """
+        grad_norm = self.rule.direction_(names, params, grads)
+        self.record("first_grad_norm", grad_norm)
+        self.nonfinite.observe(grad_norm)
+        tracked = self.radius.tracks_step(self.global_step)
+        if tracked:
+            u = self.u_for(params)
+            if first_micro_batch:
+                self.radius.begin_direction_(u)
+            torch._foreach_add_(u, grads, alpha=1.0 / mean_of)
+        torch._foreach_mul_(grads, self.radius.radius_at(self.global_step))
+        backup = self._backup_for(params)
+        with torch.no_grad():
+            copy_(backup, params)
+            torch._foreach_add_(params, grads)
+        if self.args.sam_scope == "global":
+            for p in params:  # free g (now ε) for the second pass, as the loop's zero_grad does
+                p.grad = None
+        grads.clear()  # ε's last reference is the caller's list: θ comes back from the backup, not from θ − ε
+        return tracked
+
+    def _restore_(self, params):
+        with torch.no_grad():
+            copy_(params, self._backup_for(params))
+
+    def _backup_for(self, params):
+        for p in params:  # allocated once per parameter, reused every step
+            if id(p) not in self._backup:
+                self._backup[id(p)] = torch.empty_like(p)
+        return [self._backup[id(p)] for p in params]
+
+    def u_for(self, params, model=None):
+        all_params = self.trainable(model if model is not None else self.model)[1]
+        u_all = self.radius.buffers_like(all_params)
+        index = {id(p): i for i, p in enumerate(all_params)}
+        return [u_all[index[id(p)]] for p in params]
+
+    # ------------------------------------------------------------------ logging and state
+    def record(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().double()
+        self._metric_sums[name] = self._metric_sums.get(name, 0) + value
+        self._metric_counts[name] = self._metric_counts.get(name, 0) + 1
+
+    def pop_metrics(self) -> dict[str, float]:
+        """The means since the last call (first-pass gradient norm, the gap, the hypergradient), then clears
+        them: the only host syncs."""
+        metrics = {name: float(total) / self._metric_counts[name] for name, total in self._metric_sums.items()}
+        self._metric_sums, self._metric_counts = {}, {}
+        return metrics
+
+    def state_dict(self) -> dict:
+        """ρ, its optimizer and ∂θ/∂ρ, the rule's statistics and the validation stream's position (rank-local
+        under FSDP2 and in the local scope on several ranks: save one per rank there)."""
+        if self.rule is None:
+            return {"global_step": self.global_step}
+        batches = self.hypergradient.rho_batches
+        return {
+            "radius": self.radius.state_dict(),
+            "rule": self.rule.state_dict(),
+            "rho_batches": batches.state_dict() if batches is not None else None,
+            "global_step": self.global_step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = state.get("global_step", self.global_step)  # absent in checkpoints of LETSTrainer < 0.2
+        if self.rule is None:
+            return
+        self.radius.load_state_dict(state["radius"])
+        self.rule.load_state_dict(state["rule"])
+        if state["rho_batches"] is not None:
+            self.hypergradient.rho_batches.load_state_dict(state["rho_batches"])
