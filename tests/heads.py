@@ -133,6 +133,16 @@ def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in full])
 
 
+def optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> list[dict]:
+    """The optimizer's per-parameter state in `model.parameters()` order (FSDP2 shards gathered), whatever
+    its parameter groups."""
+    def full(value):
+        return value.full_tensor() if isinstance(value, DTensor) else value
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    return [{k: full(v) for k, v in inner.state.get(p, {}).items()} for p in model.parameters()]
+
+
 def train(
     head: str,
     case: str,
@@ -147,7 +157,8 @@ def train(
     **overrides,
 ) -> dict:
     """`STEPS` SGD steps on `head` (sequential batches); returns θ (flat), ρ, the logged losses and gaps,
-    the loss normalization the trainer chose, the trained model and the fp16 grad scale (None without one)."""
+    the loss normalization the trainer chose, the trained model, the optimizer state and the fp16 grad scale
+    (None without one)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     sam_variant, learn_rho = CASES[case]
     settings = dict(
@@ -175,5 +186,6 @@ def train(
         "world": args.world_size,
         "normalization": trainer.loss_normalization,
         "model": trainer.model,
+        "optimizer_state": optimizer_state(trainer.optimizer, trainer.model),
         "grad_scale": trainer.engine.grad_scaler.get_scale() if trainer.engine.grad_scaler is not None else None,
     }

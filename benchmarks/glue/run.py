@@ -223,8 +223,10 @@ LETS_OPTIONS = {
     "exact": {"rho_hessian": "exact"},
     "frozen": {"rho_optimizer": "sgd", "rho_lr": 1e-300},  # ρ never moves: what LETS's machinery costs by itself
 }
-#: `+name<number>` suffixes: a numeric LETS field (`+mu0.99`, `+lr0.05`, `+k2`: ρ updates or windows every 2 steps).
-LETS_NUMBERS = {"mu": "rho_trace_decay", "lr": "rho_lr", "k": "rho_update_interval"}
+#: `+name<number>` suffixes: a numeric LETS field (`+mu0.99`, `+lr0.05`, `+k2`: ρ updates or windows every 2 steps,
+#: `+frac0.02`: hold out 2% of train for ρ, `+vb64`: validation batches of 64).
+LETS_NUMBERS = {"mu": "rho_trace_decay", "lr": "rho_lr", "k": "rho_update_interval", "frac": "rho_val_fraction",
+                "vb": "rho_batch_size"}
 
 
 def parse_method(spec: str) -> tuple[str, float | None, dict]:
@@ -241,7 +243,7 @@ def parse_method(spec: str) -> tuple[str, float | None, dict]:
             fields.update(LETS_OPTIONS[option])
         elif number is not None:
             value = float(option[len(number) :])
-            fields[LETS_NUMBERS[number]] = int(value) if number == "k" else value
+            fields[LETS_NUMBERS[number]] = int(value) if number in ("k", "vb") else value
         else:
             raise SystemExit(f"Unknown option +{option} in {spec!r}: one of {list(LETS_OPTIONS)} or {list(LETS_NUMBERS)}<value>.")
     return preset, float(rho) if rho else None, fields
