@@ -33,11 +33,9 @@ def plain_loop(head: str, case: str, batch: int, accumulation: int = 1, accelera
     })
     model = build_model(head) if model is None else model
     loader = DataLoader(train_rows(head), batch_size=batch, collate_fn=default_data_collator)
-    if accelerator is not None:
-        model = accelerator.prepare(model)  # FSDP2 shards the model before the optimizer sees its parameters
     optimizer = OPTIMIZERS[optim](model.parameters(), learning_rate)
-    if accelerator is not None:
-        optimizer, loader = accelerator.prepare(optimizer, loader)
+    if accelerator is not None:  # together: FSDP2 swaps the optimizer's parameters for their shards
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     rho_batches = RhoBatches(validation_rows(head), default_data_collator, args.rho_batch_size, world, rank, args.rho_seed)
     engine = LETSEngine(model, optimizer, args, loss_fn=lambda model, batch: model(**batch).loss, accelerator=accelerator,
                         rho_batches=rho_batches if learn_rho else None, gradient_accumulation_steps=accumulation)
