@@ -5,6 +5,8 @@ Trainer writes `checkpoint-N/` file by file; a run killed mid-save leaves a fold
 `<output_dir>/.staging/checkpoint-N/` and renames it to `<output_dir>/checkpoint-N/` once every
 process has finished (the same file system, so the rename is atomic). Trainer's search for the
 last checkpoint only matches `checkpoint-<digits>` folders, so it never sees a staged one.
+`CheckpointHooks` are the Trainer methods that do it, and that save the engine's state beside
+the optimizer's (`lets_state.pt`, or one file per rank where the state is rank-local).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import shutil
 
 import torch
 from accelerate.utils.constants import FSDP_MODEL_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -29,6 +31,7 @@ from transformers.utils import (
 
 from .errors import UsageError
 
+LETS_STATE_NAME = "lets_state.pt"
 STAGING_DIR = ".staging"
 TRAINER_STATE_NAME = "trainer_state.json"
 _WEIGHTS = (
@@ -132,3 +135,76 @@ def _earlier_complete(checkpoint: str, lets_state_files: list[str], with_optimiz
         if missing_or_unreadable(path, lets_state_files, with_optimizer) is None:
             return path
     return None
+
+
+class CheckpointHooks:
+    """Trainer's checkpoint hooks (a base of `LETSMixin`, before `Trainer`): checkpoints staged and published
+    whole, the engine's state saved beside the optimizer's, and a checkpoint checked before resuming."""
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """Trainer's `train`; a checkpoint to resume from is checked for completeness first."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: Trainer's own error
+        if isinstance(resume_from_checkpoint, str):
+            lets_state = [os.path.basename(self._lets_state_path(resume_from_checkpoint))] if self.rule else []
+            with_optimizer = not self.args.save_only_model
+            check_resumable(resume_from_checkpoint, lets_state, with_optimizer=with_optimizer)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return staging_dir(run_dir) if self._staging_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written under `.staging/` and renamed to `checkpoint-N` once every process is done."""
+        run_dir, folder = self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            clear_staged(run_dir, folder)
+        self.accelerator.wait_for_everyone()
+        self._staging_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_checkpoint = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged = os.path.join(staging_dir(run_dir), folder)
+            final = publish(run_dir, folder)
+            if self.state.best_model_checkpoint == staged:
+                self.state.best_model_checkpoint = final
+                save_state_atomically(self.state, final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.rule is None or not (self.args.should_save or self.engine.rank_local_state):
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        path = self._lets_state_path(output_dir)
+        torch.save(self.engine.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)  # never a half-written file
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or self.rule is None:
+            return
+        path = self._lets_state_path(checkpoint)
+        if not os.path.isfile(path):
+            raise UsageError(
+                f"{path} is missing: this checkpoint was not written by LETSTrainer with this sam_scope and number "
+                "of processes, so ρ and its optimizer state cannot be restored. Resume from such a checkpoint or "
+                "start a new run."
+            )
+        device = self.args.device  # "cpu:0" under CPU DDP, which torch.load cannot map to
+        self.engine.model = self.model_wrapped
+        state = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=True)
+        self.engine.load_state_dict(state)
+
+    def _lets_state_path(self, directory: str) -> str:
+        """`lets_state.pt`, or one `lets_state_rank<r>.pt` per rank when the state is rank-local."""
+        if self.engine.rank_local_state:
+            stem, suffix = os.path.splitext(LETS_STATE_NAME)
+            return os.path.join(directory, f"{stem}_rank{self.args.process_index}{suffix}")
+        return os.path.join(directory, LETS_STATE_NAME)
+

@@ -7,6 +7,7 @@ sign is the mean's (1.0: every update agrees; 0.5: coin flips). An SNR well belo
 1/√W says the window's mean is indistinguishable from zero.
 
 The window lives on the device (no host sync until a log reads it) and in the checkpoint.
+`StepMetrics` averages the per-step values (first-pass gradient norm, gap, hypergradient) between logs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,24 @@ import torch
 
 #: The factors of dF/dρ kept per update, in the column order of the window.
 FACTORS = ("gen_gap", "rho_inner", "rho_grad")
+
+
+class StepMetrics:
+    """Means of per-step values between two logs, kept on the device: `pop` is the only host sync."""
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def record(self, name: str, value: torch.Tensor) -> None:
+        self._sums[name] = self._sums.get(name, 0) + value.detach().double()
+        self._counts[name] = self._counts.get(name, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        """The means since the last call, then clears them."""
+        means = {name: float(total) / self._counts[name] for name, total in self._sums.items()}
+        self._sums, self._counts = {}, {}
+        return means
 
 
 class HypergradientMonitor:

@@ -1,4 +1,5 @@
-"""Cross-rank reductions for the global scope, and sharded state on disk. No math about SAM lives here.
+"""Which distributed setups LETS runs under, cross-rank reductions for the global scope, and sharded state
+on disk. No math about SAM lives here.
 
 Under DDP the first pass runs under `no_sync`; in the global scope its gradient is then averaged
 with exactly one coalesced all-reduce (a flat buffer allocated once), and the scalars of
@@ -10,7 +11,29 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor, Shard
+
+from .config import check_fsdp2_settings
+from .errors import UsageError
+
+
+def check_distributed_type(accelerator, args) -> bool:
+    """DDP or FSDP2 (returns whether parameters are sharded); FSDP1 and DeepSpeed are refused."""
+    distributed_type = accelerator.distributed_type
+    if distributed_type == DistributedType.DEEPSPEED or (
+        distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2
+    ):
+        name = "FSDP1" if distributed_type == DistributedType.FSDP else "DeepSpeed"
+        raise UsageError(
+            f"LETS does not support {name}: its engine owns the gradient buffers the perturbation needs. Launch "
+            "with FSDP2 (accelerate launch --config_file examples/accelerate_fsdp2.yaml, or fsdp_config="
+            "{'version': 2}) or with DDP (accelerate launch --multi_gpu)."
+        )
+    if distributed_type != DistributedType.FSDP:
+        return False
+    check_fsdp2_settings(args)  # launched from an accelerate config: TrainingArguments never saw it
+    return True
 
 
 def world_size() -> int:

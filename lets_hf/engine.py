@@ -29,17 +29,17 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from accelerate.utils import DistributedType
 
-from .config import check_fsdp2_settings, check_rho_within_bounds
-from .distributed import GradientAverager
+from .config import check_rho_within_bounds
+from .diagnostics import StepMetrics
+from .distributed import GradientAverager, check_distributed_type, local_state, sharded_state
 from .errors import UsageError
 from .hypergradient import Hypergradient
 from .nonfinite import NonFiniteGuard
-from .passes import LoopPasses, SingleProcess
+from .passes import LoopPasses, SingleProcess, synced_on_last
 from .radius import Radius, check_optimizer_supported
 from .rules import get_rule
-from .tensor_lists import copy_, global_norm
+from .tensor_lists import copy_, global_norm, trainable, trainable_with_grad
 
 
 class LETSEngine:
@@ -73,8 +73,7 @@ class LETSEngine:
         self.nonfinite = NonFiniteGuard(args.nonfinite_patience)
         self.global_step = 0  # optimizer steps done; `LETSMixin` sets it from Trainer's state
         self.step_skipped = False
-        self._metric_sums: dict[str, torch.Tensor] = {}
-        self._metric_counts: dict[str, int] = {}
+        self.metrics = StepMetrics()
         if self.rule is None:
             return
         if self.rule.first_pass_loss is not None and passes is None:
@@ -82,7 +81,7 @@ class LETSEngine:
                 f"sam_variant={args.sam_variant!r} descends on a surrogate of the logits in its first pass, which a "
                 "plain loss_fn cannot give. Use LETSTrainer, or another rule (sam, asam, ...)."
             )
-        self.sharded = self._check_distributed_type()
+        self.sharded = check_distributed_type(self.accelerator, args)
         initial_rho = args.rho if args.rho is not None else self.rule.default_rho
         if args.learn_rho:
             check_rho_within_bounds(initial_rho, args.rho_min, args.rho_max)
@@ -97,23 +96,7 @@ class LETSEngine:
         self._first_losses: list[torch.Tensor] = []
         self._micro_batches = 0
         self.surrogate_pass = False  # BiSAM: the adapter's loss reads it (its first pass descends on ∇Q)
-
-    def _check_distributed_type(self) -> bool:
-        """DDP or FSDP2 (returns whether parameters are sharded); FSDP1 and DeepSpeed are refused."""
-        distributed_type = self.accelerator.distributed_type
-        if distributed_type == DistributedType.DEEPSPEED or (
-            distributed_type == DistributedType.FSDP and not self.accelerator.is_fsdp2
-        ):
-            name = "FSDP1" if distributed_type == DistributedType.FSDP else "DeepSpeed"
-            raise UsageError(
-                f"LETS does not support {name}: its engine owns the gradient buffers the perturbation needs. Launch "
-                "with FSDP2 (accelerate launch --config_file examples/accelerate_fsdp2.yaml, or fsdp_config="
-                "{'version': 2}) or with DDP (accelerate launch --multi_gpu)."
-            )
-        if distributed_type != DistributedType.FSDP:
-            return False
-        check_fsdp2_settings(self.args)  # launched from an accelerate config: TrainingArguments never saw it
-        return True
+        self.check_optimizer()
 
     @property
     def rho(self) -> float:
@@ -169,13 +152,14 @@ class LETSEngine:
             if skipped or self.step_skipped:
                 self.radius.skip_step()
             elif self.radius.tracks_step(self.global_step):
-                params = self.trainable(self.model)[1]
+                params = trainable(self.model)[1]
                 self.radius.apply_descent_jacobian_(self.optimizer, params, self.radius.buffers_like(params))
             self.radius.step_done()
         self.global_step += 1
 
     def check_optimizer(self) -> None:
-        if self.args.learn_rho:
+        """A learned ρ differentiates through the optimizer's step: refuse one it cannot, before training."""
+        if self.args.learn_rho and self.optimizer is not None:
             check_optimizer_supported(self.optimizer)
 
     def _likely_causes_of_nonfinite(self) -> str:
@@ -193,7 +177,7 @@ class LETSEngine:
         if not last_micro_batch:
             return loss
 
-        names, params, grads = self.trainable_with_grad(model)
+        names, params, grads = trainable_with_grad(model)
         if not self.sharded:
             self.average_grads(grads)
         if self._unscale_(grads) is not None:
@@ -218,16 +202,9 @@ class LETSEngine:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(model)
 
-    def synced_on_last(self, model, batches):
-        """Yields each of `batches` with gradient sync off but for the last: DDP's all-reduce (FSDP2's
-        reduce-scatter) then runs once, over the gradient accumulated from all of them."""
-        for i, batch in enumerate(batches):
-            with contextlib.nullcontext() if i == len(batches) - 1 else self.accelerator.no_sync(model):
-                yield batch
-
     def second_passes(self, model, cached):
         """Descent gradient at the perturbed point; DDP all-reduces on the last micro-batch only."""
-        for batch in self.synced_on_last(model, cached):
+        for batch in synced_on_last(self.accelerator, model, cached):
             with self.passes.extra_pass():
                 self.passes.backward(model, batch)
 
@@ -262,7 +239,7 @@ class LETSEngine:
 
     def _local_step(self, model, batch):
         """m-sharpness: this micro-batch's own gradient, kept apart from the accumulated descent gradient."""
-        names, params = self.trainable(model)
+        names, params = trainable(model)
         accumulated = [p.grad for p in params]
         for p in params:
             p.grad = None
@@ -294,16 +271,6 @@ class LETSEngine:
         return loss
 
     # ------------------------------------------------------------------ pieces
-    @staticmethod
-    def trainable(model):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        return [n for n, _ in named], [p for _, p in named]
-
-    @staticmethod
-    def trainable_with_grad(model):
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
-        return [n for n, _ in named], [p for _, p in named], [p.grad for _, p in named]
-
     def scale_inverse(self) -> float:
         return 1.0 / self.grad_scaler.get_scale() if self.grad_scaler is not None else 1.0
 
@@ -321,7 +288,7 @@ class LETSEngine:
         With `mean_of` > 1 (local scope) the tracked direction is the mean over micro-batches.
         """
         grad_norm = self.rule.direction_(names, params, grads)
-        self.record("first_grad_norm", grad_norm)
+        self.metrics.record("first_grad_norm", grad_norm)
         self.nonfinite.observe(grad_norm)
         tracked = self.radius.tracks_step(self.global_step)
         if tracked:
@@ -351,41 +318,41 @@ class LETSEngine:
         return [self._backup[id(p)] for p in params]
 
     def u_for(self, params, model=None):
-        all_params = self.trainable(model if model is not None else self.model)[1]
+        all_params = trainable(model if model is not None else self.model)[1]
         u_all = self.radius.buffers_like(all_params)
         index = {id(p): i for i, p in enumerate(all_params)}
         return [u_all[index[id(p)]] for p in params]
 
     # ------------------------------------------------------------------ logging and state
-    def record(self, name: str, value: torch.Tensor) -> None:
-        value = value.detach().double()
-        self._metric_sums[name] = self._metric_sums.get(name, 0) + value
-        self._metric_counts[name] = self._metric_counts.get(name, 0) + 1
-
     def pop_metrics(self) -> dict[str, float]:
-        """The means since the last call (first-pass gradient norm, the gap, the hypergradient), then clears
-        them: the only host syncs."""
-        metrics = {name: float(total) / self._metric_counts[name] for name, total in self._metric_sums.items()}
-        self._metric_sums, self._metric_counts = {}, {}
-        return metrics
+        """The means since the last call (first-pass gradient norm, the gap, the hypergradient), then clears them."""
+        return self.metrics.pop()
+
+    @property
+    def rank_local_state(self) -> bool:
+        """Whether each rank must save its own `state_dict`: under FSDP2 each holds a shard of ∂θ/∂ρ; in the
+        local scope on several ranks each has its own, from its own gradients."""
+        return self.sharded or (self.args.sam_scope == "local" and self.accelerator.num_processes > 1)
 
     def state_dict(self) -> dict:
-        """ρ, its optimizer and ∂θ/∂ρ, the rule's statistics and the validation stream's position (rank-local
-        under FSDP2 and in the local scope on several ranks: save one per rank there)."""
+        """ρ, its optimizer and ∂θ/∂ρ, the rule's statistics and the validation stream's position, as plain
+        tensors (FSDP2 shards as their local pieces) that `torch.save` writes; see `rank_local_state`."""
         if self.rule is None:
             return {"global_step": self.global_step}
         batches = self.hypergradient.rho_batches
-        return {
+        return local_state({
             "radius": self.radius.state_dict(),
             "rule": self.rule.state_dict(),
             "rho_batches": batches.state_dict() if batches is not None else None,
             "global_step": self.global_step,
-        }
+        })
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = state.get("global_step", self.global_step)  # absent in checkpoints of LETSTrainer < 0.2
         if self.rule is None:
             return
+        if self.sharded:
+            state = sharded_state(state, trainable(self.model)[1][0].device_mesh)
         self.radius.load_state_dict(state["radius"])
         self.rule.load_state_dict(state["rule"])
         if state["rho_batches"] is not None:

@@ -14,7 +14,8 @@ import warnings
 import torch
 
 from .distributed import average_scalars, reshard
-from .tensor_lists import global_dot, global_norm
+from .passes import synced_on_last
+from .tensor_lists import global_dot, global_norm, trainable_with_grad
 from .validation import own_random_stream
 
 #: Step of the finite-difference Hessian-vector product, relative to ‖d‖ (exact mode fallback).
@@ -59,9 +60,9 @@ class Hypergradient:
         self._record(gap)
 
     def _record(self, gap) -> None:
-        self.engine.record("gen_gap", gap)
-        self.engine.record("rho_inner", self.engine.radius.last_inner)
-        self.engine.record("rho_grad", self.engine.radius.last_grad)
+        self.engine.metrics.record("gen_gap", gap)
+        self.engine.metrics.record("rho_inner", self.engine.radius.last_inner)
+        self.engine.metrics.record("rho_grad", self.engine.radius.last_grad)
 
     def _antithetic_boundary(self, model, train_loss) -> None:
         """A window boundary of the antithetic estimator: the validation loss on its fixed batches, in eval mode."""
@@ -113,13 +114,13 @@ class Hypergradient:
     # ------------------------------------------------------------------ u_t's Hessian and clipping
     def clip_coefficient(self, model) -> None:
         """c_t of the final descent gradient (what the loop clips), for the hypergradient."""
-        _, _, descent = self.engine.trainable_with_grad(model)
+        _, _, descent = trainable_with_grad(model)
         self.engine.radius.set_clip_coef(descent, self.engine.scale_inverse(), self.engine.max_grad_norm)
 
     def hessian_direction_(self, model, cached) -> None:
         """After the second passes: u ← H·d (θ still perturbed for `exact`)."""
         engine = self.engine
-        _, params, descent = engine.trainable_with_grad(model)
+        _, params, descent = trainable_with_grad(model)
         descent_scale = engine.scale_inverse()
         u = engine.u_for(params)
         if engine.args.rho_hessian == "exact":
@@ -188,7 +189,7 @@ class Hypergradient:
         kept = [p.grad for p in params]
         for p in params:
             p.grad = None
-        for batch in self.engine.synced_on_last(model, batches):
+        for batch in synced_on_last(self.engine.accelerator, model, batches):
             loss_of(model, batch).backward()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
         for p, grad in zip(params, kept):

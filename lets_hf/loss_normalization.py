@@ -13,6 +13,7 @@ GPT-2 has no `loss_type`, so its count includes targets the model never predicts
 `probe` runs the model on one batch with two counts, and once without, and reads the answer
 off the losses. `LossNormalization` is the verdict; for token heads that drop the count it
 recomputes the loss from the logits as a token cross-entropy that honours it.
+`LossNormalizationHooks` are the Trainer methods that probe once and apply the verdict.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.trainer_utils import unwrap_peft_model
+from transformers.utils import logging
+
+from .distributed import same_on_all_ranks
+
+logger = logging.get_logger(__name__)
 
 #: The model divides its loss by `num_items_in_batch`: Trainer's scaling is exact.
 BY_NUM_ITEMS = "num_items_in_batch"
@@ -154,3 +161,84 @@ def _counting(items_in_own_mean: float, labels: torch.Tensor) -> LossNormalizati
     if abs(items_in_own_mean - every) < 0.5:
         return _COUNTS_ALL
     return _COUNT_UNKNOWN
+
+
+class LossNormalizationHooks:
+    """Trainer's hooks that settle and apply the loss normalization (a base of `LETSMixin`, before `Trainer`):
+    the probe runs where Trainer counts `num_items_in_batch`, and `compute_loss` recomputes a token mean
+    for heads that drop the count."""
+
+    @property
+    def model_accepts_loss_kwargs(self) -> bool:
+        """Trainer infers it in `__init__` from `forward`'s signature; LETSTrainer corrects it by a probe
+        (`probe`). A value assigned after `__init__` is the user's and wins."""
+        return self._model_accepts_loss_kwargs
+
+    @model_accepts_loss_kwargs.setter
+    def model_accepts_loss_kwargs(self, value: bool) -> None:
+        self._model_accepts_loss_kwargs = value
+        if "loss_normalization" in self.__dict__:  # set after __init__: the user's explicit choice
+            self.loss_normalization = LossNormalization(USER, reason="model_accepts_loss_kwargs")
+
+    def _configured_loss_normalization(self) -> LossNormalization | None:
+        """The normalization known without a probe, or `None` (probe the first batch that has labels)."""
+        if self.compute_loss_func is not None:
+            return LossNormalization(USER, reason="compute_loss_func")
+        if self.loss_is_scaled_for_ga is not None:
+            return LossNormalization(USER, reason="loss_is_scaled_for_ga")
+        if hasattr(unwrap_peft_model(self.accelerator.unwrap_model(self.model)), "accepts_loss_kwargs"):
+            return LossNormalization(USER, reason="the model's accepts_loss_kwargs")
+        if self.label_smoother is not None:  # Trainer computes the loss from the logits with num_items_in_batch
+            return LossNormalization(BY_NUM_ITEMS, reason="label smoothing")
+        if not self.model_accepts_loss_kwargs:
+            return LossNormalization(MICRO_BATCH_MEAN, reason="its forward takes no **kwargs")
+        return None
+
+    def _settle_loss_normalization(self, inputs) -> None:
+        """Probe once, on the first batch with labels (every rank agrees), and set Trainer's switches to match."""
+        if self.loss_normalization is not None or "labels" not in inputs:
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        verdict = probe(unwrapped, inputs)
+        code = 0 if verdict is None else VERDICTS.index(verdict) + 1
+        lowest, highest = same_on_all_ranks(code, self.args.device)
+        if lowest == 0:  # this batch cannot tell on some rank: probe the next one
+            return
+        if lowest != highest:
+            raise RuntimeError(
+                "The loss normalization probe gave different verdicts on different ranks "
+                f"({VERDICTS[lowest - 1]} and {VERDICTS[highest - 1]})."
+            )
+        split_batches = self.args.gradient_accumulation_steps > 1 or self.args.world_size > 1
+        corrected = verdict.kind != BY_NUM_ITEMS and split_batches  # else Trainer agrees
+        if verdict.kind == MICRO_BATCH_MEAN:
+            self._model_accepts_loss_kwargs = False  # Trainer then divides by the accumulation steps, not by processes
+        if verdict.shift_labels is not None:
+            corrected |= verdict.shift_labels != getattr(self, "_loss_shifts_labels", False)
+            self._loss_shifts_labels = verdict.shift_labels  # how Trainer counts num_items_in_batch
+        self.loss_normalization = verdict
+        message = verdict.describe(unwrap_peft_model(unwrapped)._get_name(), corrects_trainer=corrected)
+        (logger.warning if corrected else logger.info)(message)
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """Where Trainer counts `num_items_in_batch` (training and evaluation): settle the normalization first."""
+        if self.loss_normalization is None and batch_samples:
+            self._settle_loss_normalization(self._prepare_inputs(batch_samples[0]))
+        return super()._get_num_items_in_batch(batch_samples, device)
+
+    def _processes_factor(self, num_items_in_batch) -> int:
+        """Trainer's factor for a loss divided by the all-rank count: DDP averages the gradients over ranks."""
+        counted_across = self.args.average_tokens_across_devices and num_items_in_batch is not None
+        return self.accelerator.num_processes if counted_across else 1
+
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Trainer's loss, with the token mean recomputed for heads that drop `num_items_in_batch`."""
+        verdict = self.loss_normalization
+        if "labels" not in inputs or verdict is None or verdict.kind != TOKEN_MEAN:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]  # Trainer pops them when it smooths labels
+        _, outputs = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
+        token_mean = verdict.token_loss(logits_of(outputs), labels, num_items_in_batch)
+        loss = token_mean * self._processes_factor(num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss

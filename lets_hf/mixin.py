@@ -5,10 +5,11 @@
 
 The step itself (perturbation, second passes, restore, ρ update) lives in `lets_hf.engine`; this
 adapter keeps what is Trainer's: `training_step` hands each micro-batch to the engine, `compute_loss`
-corrects the loss normalization of heads that need it (`lets_hf.loss_normalization`) and gives
-BiSAM its surrogate, the ρ validation data is split off and batched as Trainer batches train data,
-callbacks tell the engine when the optimizer steps, `log` adds ρ and the gap, and checkpoints carry
-the engine's state, written atomically. The engine runs Trainer's own `training_step` for every
+gives BiSAM its surrogate, the ρ validation data is split off and batched as Trainer batches train data,
+callbacks tell the engine when the optimizer steps and `log` adds ρ and the gap. Two bases hold the
+rest of Trainer's hooks: `LossNormalizationHooks` (`lets_hf.loss_normalization`) correct the loss
+normalization of heads that need it, `CheckpointHooks` (`lets_hf.checkpoints`) write checkpoints
+whole, with the engine's state. The engine runs Trainer's own `training_step` for every
 extra pass, inside `extra_pass()`, so that a trainer that records metrics in `compute_loss` (TRL)
 can count each training token once.
 """
@@ -16,34 +17,20 @@ can count each training token once.
 from __future__ import annotations
 
 import contextlib
-import os
 
-import torch
 from transformers import TrainerCallback
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.trainer_utils import (
-    PREFIX_CHECKPOINT_DIR,
-    get_last_checkpoint,
-    rotate_checkpoints,
-    unwrap_peft_model,
-)
-from transformers.utils import logging
 
-from . import checkpoints, loss_normalization
+from .checkpoints import CheckpointHooks
 from .config import LETSArguments
-from .distributed import local_state, same_on_all_ranks, sharded_state
 from .engine import LETSEngine
 from .errors import UsageError
-from .loss_normalization import LossNormalization, logits_of
+from .loss_normalization import LossNormalizationHooks, logits_of
 from .optim import lightsam_optimizer_cls_and_kwargs
 from .validation import RhoBatches, split_for_rho
 
-logger = logging.get_logger(__name__)
 
-LETS_STATE_NAME = "lets_state.pt"
-
-
-class LETSMixin:
+class LETSMixin(CheckpointHooks, LossNormalizationHooks):
     """Put it first among the bases of a `Trainer` subclass; its `args` must be a `LETSArguments`.
 
     Args:
@@ -159,70 +146,6 @@ class LETSMixin:
         finally:
             self._in_extra_pass = outer
 
-    # ------------------------------------------------------------------ loss normalization
-    @property
-    def model_accepts_loss_kwargs(self) -> bool:
-        """Trainer infers it in `__init__` from `forward`'s signature; LETSTrainer corrects it by a probe
-        (`lets_hf.loss_normalization`). A value assigned after `__init__` is the user's and wins."""
-        return self._model_accepts_loss_kwargs
-
-    @model_accepts_loss_kwargs.setter
-    def model_accepts_loss_kwargs(self, value: bool) -> None:
-        self._model_accepts_loss_kwargs = value
-        if "loss_normalization" in self.__dict__:  # set after __init__: the user's explicit choice
-            self.loss_normalization = LossNormalization(loss_normalization.USER, reason="model_accepts_loss_kwargs")
-
-    def _configured_loss_normalization(self) -> LossNormalization | None:
-        """The normalization known without a probe, or `None` (probe the first batch that has labels)."""
-        if self.compute_loss_func is not None:
-            return LossNormalization(loss_normalization.USER, reason="compute_loss_func")
-        if self.loss_is_scaled_for_ga is not None:
-            return LossNormalization(loss_normalization.USER, reason="loss_is_scaled_for_ga")
-        if hasattr(unwrap_peft_model(self.accelerator.unwrap_model(self.model)), "accepts_loss_kwargs"):
-            return LossNormalization(loss_normalization.USER, reason="the model's accepts_loss_kwargs")
-        if self.label_smoother is not None:  # Trainer computes the loss from the logits with num_items_in_batch
-            return LossNormalization(loss_normalization.BY_NUM_ITEMS, reason="label smoothing")
-        if not self.model_accepts_loss_kwargs:
-            return LossNormalization(loss_normalization.MICRO_BATCH_MEAN, reason="its forward takes no **kwargs")
-        return None
-
-    def _settle_loss_normalization(self, inputs) -> None:
-        """Probe once, on the first batch with labels (every rank agrees), and set Trainer's switches to match."""
-        if self.loss_normalization is not None or "labels" not in inputs:
-            return
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        verdict = loss_normalization.probe(unwrapped, inputs)
-        code = 0 if verdict is None else loss_normalization.VERDICTS.index(verdict) + 1
-        lowest, highest = same_on_all_ranks(code, self.args.device)
-        if lowest == 0:  # this batch cannot tell on some rank: probe the next one
-            return
-        if lowest != highest:
-            raise RuntimeError(
-                "The loss normalization probe gave different verdicts on different ranks "
-                f"({loss_normalization.VERDICTS[lowest - 1]} and {loss_normalization.VERDICTS[highest - 1]})."
-            )
-        split_batches = self.args.gradient_accumulation_steps > 1 or self.args.world_size > 1
-        corrected = verdict.kind != loss_normalization.BY_NUM_ITEMS and split_batches  # else Trainer agrees
-        if verdict.kind == loss_normalization.MICRO_BATCH_MEAN:
-            self._model_accepts_loss_kwargs = False  # Trainer then divides by the accumulation steps, not by processes
-        if verdict.shift_labels is not None:
-            corrected |= verdict.shift_labels != getattr(self, "_loss_shifts_labels", False)
-            self._loss_shifts_labels = verdict.shift_labels  # how Trainer counts num_items_in_batch
-        self.loss_normalization = verdict
-        message = verdict.describe(unwrap_peft_model(unwrapped)._get_name(), corrects_trainer=corrected)
-        (logger.warning if corrected else logger.info)(message)
-
-    def _get_num_items_in_batch(self, batch_samples, device):
-        """Where Trainer counts `num_items_in_batch` (training and evaluation): settle the normalization first."""
-        if self.loss_normalization is None and batch_samples:
-            self._settle_loss_normalization(self._prepare_inputs(batch_samples[0]))
-        return super()._get_num_items_in_batch(batch_samples, device)
-
-    def _processes_factor(self, num_items_in_batch) -> int:
-        """Trainer's factor for a loss divided by the all-rank count: DDP averages the gradients over ranks."""
-        counted_across = self.args.average_tokens_across_devices and num_items_in_batch is not None
-        return self.accelerator.num_processes if counted_across else 1
-
     # ------------------------------------------------------------------ the step: the engine's
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.engine.global_step = self.state.global_step
@@ -233,25 +156,16 @@ class LETSMixin:
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Trainer's loss, with the token mean recomputed for heads that drop `num_items_in_batch`,
-        and BiSAM's surrogate in its first pass."""
-        recompute = "labels" in inputs and self.loss_normalization is not None and (
-            self.loss_normalization.kind == loss_normalization.TOKEN_MEAN
-        )
-        surrogate_pass = self.rule is not None and self.engine.surrogate_pass
-        if not (recompute or surrogate_pass):
+        """BiSAM's first pass descends on its surrogate of the logits (and reports the model's loss)."""
+        if self.rule is None or not self.engine.surrogate_pass:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]  # Trainer pops them when it smooths labels
         loss, outputs = super().compute_loss(model, dict(inputs), True, num_items_in_batch)
         logits = logits_of(outputs)
-        if recompute:
-            token_mean = self.loss_normalization.token_loss(logits, labels, num_items_in_batch)
-            loss = token_mean * self._processes_factor(num_items_in_batch)
-        if surrogate_pass:
-            if self.accelerator.unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
-                logits, labels = logits[..., :-1, :], labels[..., 1:]  # token t predicts label t+1, as the model's loss
-            surrogate = self.rule.first_pass_loss(logits, labels)
-            loss = loss.detach() + (surrogate - surrogate.detach())  # reports the model's loss, descends on ∇Q
+        if self.accelerator.unwrap_model(model)._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            logits, labels = logits[..., :-1, :], labels[..., 1:]  # token t predicts label t+1, as the model's loss
+        surrogate = self.rule.first_pass_loss(logits, labels)
+        loss = loss.detach() + (surrogate - surrogate.detach())
         return (loss, outputs) if return_outputs else loss
 
     def create_optimizer(self, model=None):
@@ -278,81 +192,6 @@ class LETSMixin:
         if "loss" in logs and self.engine.nonfinite.skipped_steps:
             logs["nonfinite_steps_skipped"] = self.engine.nonfinite.skipped_steps
         super().log(logs, start_time)
-
-    # ------------------------------------------------------------------ checkpoints
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Trainer's `train`; a checkpoint to resume from is checked for completeness first."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: Trainer's own error
-        if isinstance(resume_from_checkpoint, str):
-            lets_state = [os.path.basename(self._lets_state_path(resume_from_checkpoint))] if self.rule else []
-            with_optimizer = not self.args.save_only_model
-            checkpoints.check_resumable(resume_from_checkpoint, lets_state, with_optimizer=with_optimizer)
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
-
-    def _get_output_dir(self, trial) -> str:
-        run_dir = super()._get_output_dir(trial)
-        return checkpoints.staging_dir(run_dir) if self._staging_checkpoint else run_dir
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Trainer's checkpoint, written under `.staging/` and renamed to `checkpoint-N` once every process is done."""
-        run_dir, folder = self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            checkpoints.clear_staged(run_dir, folder)
-        self.accelerator.wait_for_everyone()
-        self._staging_checkpoint = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_checkpoint = False
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            staged = os.path.join(checkpoints.staging_dir(run_dir), folder)
-            final = checkpoints.publish(run_dir, folder)
-            if self.state.best_model_checkpoint == staged:
-                self.state.best_model_checkpoint = final
-                checkpoints.save_state_atomically(self.state, final)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
-        self.accelerator.wait_for_everyone()
-
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.rule is None or not (self.args.should_save or self._rank_local_state()):
-            return
-        state = local_state(self.engine.state_dict())
-        os.makedirs(output_dir, exist_ok=True)
-        path = self._lets_state_path(output_dir)
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never a half-written file
-
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None or self.rule is None:
-            return
-        path = self._lets_state_path(checkpoint)
-        if not os.path.isfile(path):
-            raise UsageError(
-                f"{path} is missing: this checkpoint was not written by LETSTrainer with this sam_scope and number "
-                "of processes, so ρ and its optimizer state cannot be restored. Resume from such a checkpoint or "
-                "start a new run."
-            )
-        device = self.args.device  # "cpu:0" under CPU DDP, which torch.load cannot map to
-        state = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=True)
-        if self.engine.sharded:
-            state = sharded_state(state, self.engine.trainable(self.model_wrapped)[1][0].device_mesh)
-        self.engine.load_state_dict(state)
-
-    def _rank_local_state(self) -> bool:
-        """In the local scope each rank's ∂θ/∂ρ and rule statistics come from its own gradients; under
-        FSDP2 each rank holds a shard of them."""
-        return self.engine.sharded or (self.args.sam_scope == "local" and self.args.world_size > 1)
-
-    def _lets_state_path(self, directory: str) -> str:
-        """`lets_state.pt`, or one `lets_state_rank<r>.pt` per rank when the state is rank-local."""
-        if self._rank_local_state():
-            stem, suffix = os.path.splitext(LETS_STATE_NAME)
-            return os.path.join(directory, f"{stem}_rank{self.args.process_index}{suffix}")
-        return os.path.join(directory, LETS_STATE_NAME)
 
 
 class _TrainerPasses:

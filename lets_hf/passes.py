@@ -10,6 +10,7 @@ A `passes` object has five methods, each on one micro-batch `batch` of the loop'
     accumulation_steps()           micro-batches in the current optimizer step
 
 `LoopPasses` serves a plain loop from `loss_fn(model, batch)`; `LETSMixin` serves Trainer's.
+`synced_on_last` runs the engine's own passes over several micro-batches with one gradient sync.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class SingleProcess:
 
     distributed_type = DistributedType.NO
     is_fsdp2 = False
+    num_processes = 1
     scaler = None
     optimizer_step_was_skipped = False
 
@@ -74,3 +76,11 @@ class SingleProcess:
 
     def clip_grad_norm_(self, parameters, max_norm: float):
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
+def synced_on_last(accelerator, model, batches):
+    """Yields each of `batches` with gradient sync off but for the last: DDP's all-reduce (FSDP2's
+    reduce-scatter) then runs once, over the gradient accumulated from all of them."""
+    for i, batch in enumerate(batches):
+        with contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+            yield batch

@@ -27,6 +27,7 @@ import math
 import torch
 
 from .diagnostics import HypergradientMonitor
+from .errors import UsageError
 from .tensor_lists import copy_, global_norm
 
 ADAM_BETAS = (0.9, 0.999)
@@ -261,7 +262,7 @@ def descent_jacobian_(optimizer, group: dict, params: list[torch.Tensor], tangen
         if group.get("nesterov"):
             torch._foreach_mul_(tangents, 1 + group["momentum"])
     else:
-        raise ValueError(
+        raise UsageError(
             f"learn_rho does not know the Jacobian of {type(optimizer).__name__}. Use SGD, Adam or AdamW "
             "(e.g. --optim adamw_torch), or give the optimizer a `descent_jacobian_(group, params, tangents)` method."
         )

@@ -13,6 +13,18 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
+def trainable(model) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and parameters that train (`requires_grad`), in `named_parameters` order."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def trainable_with_grad(model) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+    """Names, parameters and gradients of the trainable parameters that have a gradient."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    return [n for n, _ in named], [p for _, p in named], [p.grad for _, p in named]
+
+
 def local_shards(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], dist.ProcessGroup | None]:
     """The local pieces of `tensors` and the process group that holds the rest (`None`: not sharded)."""
     if not tensors or not isinstance(tensors[0], DTensor):

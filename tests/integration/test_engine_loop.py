@@ -88,3 +88,11 @@ def test_a_learned_rho_without_validation_batches_is_refused():
     model = build_model("bert-classification")
     with pytest.raises(UsageError, match="needs validation data"):
         LETSEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), args, loss_fn=lambda m, b: m(**b).loss)
+
+
+def test_an_optimizer_a_learned_rho_cannot_differentiate_is_refused_in_a_loop():
+    args = LETSArguments(sam_variant="sam", learn_rho=True)
+    model = build_model("bert-classification")
+    with pytest.raises(UsageError, match="Adagrad"):
+        LETSEngine(model, torch.optim.Adagrad(model.parameters(), lr=0.1), args, loss_fn=lambda m, b: m(**b).loss,
+                   rho_batches=[])
