@@ -5,6 +5,12 @@
     python benchmarks/step_cost.py --sharding ddp fsdp2 --batch 8       # DDP against FSDP2, per rank
     python benchmarks/step_cost.py --sharding ddp fsdp2 --precision bf16 --model bert-base   # the GPU check
 
+A method `<name> loop` runs the same step in a plain PyTorch loop (`LETSEngine`, no Trainer; fused AdamW,
+linear schedule and clipping at 1.0, as Trainer's defaults), so its ratios show what Trainer adds.
+`--threads 1 --rounds 3` runs every method 3 times in interleaved rounds, one thread each, and ratios
+then use the median over rounds of each method's CPU time per step (one-thread CPU time holds to ~2% on
+a shared machine; wall time swings ±30%).
+
 Each method runs in its own subprocess so that its peak memory is its own. Peak memory
 is the peak of live tensor bytes, comparable across devices: on CUDA
 `max_memory_allocated`; on CPU the allocator's own allocation/free stream, replayed from
@@ -23,9 +29,11 @@ largest peak over ranks. FSDP2 on CPU goes through the test harness `tests/distr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,13 +41,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch._C._profiler import _EventType
 from torch.distributed.tensor import DTensor
-from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
+from torch.utils.data import DataLoader, default_collate
+from transformers import BertConfig, BertForSequenceClassification, TrainerCallback, get_linear_schedule_with_warmup
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.distributed's launch helpers
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this tree's lets_hf (`--before` runs a copy of this script in another tree)
 
 from lets_hf import LETSConfig, LETSTrainer  # noqa: E402
 from tests.distributed.launch import leave_together  # noqa: E402
@@ -61,6 +74,9 @@ METHODS = {  # name -> LETSConfig overrides
         sam_variant="sam", learn_rho=True, rho_update_interval=10, rho_estimator="antithetic", rho_update_space="log"
     ),
 }
+LOOP = " loop"
+#: The same step in a plain loop (`_train_loop`): what Trainer adds shows against the rows above.
+LOOP_METHODS = ("adamw loop", "sam loop", "lets-sam k=10 diagonal loop")
 WARMUP, MEASURED = 2, 10
 MEMORY_STEPS = 3  # the profiled run: Adam state and SAM's backup exist from step 2 on
 
@@ -68,23 +84,26 @@ MEMORY_STEPS = 3  # the profiled run: Adam state and SAM's backup exist from ste
 def memory_steps(methods: list[str]) -> int:
     """Steps of a profiled run: up to the first ρ update of `methods` (u_t exists from step k), 3 at least.
     `--sharding` gives every method the same, because under FSDP2 on CPU the peak grows with the run."""
-    return max(MEMORY_STEPS, *(METHODS[method].get("rho_update_interval", 0) + 1 for method in methods))
+    intervals = (METHODS[method.removesuffix(LOOP)].get("rho_update_interval", 0) for method in methods)
+    return max(MEMORY_STEPS, *(k + 1 for k in intervals))
 
 
 class _StepTimer(TrainerCallback):
-    def __init__(self, cuda: bool):
-        self.cuda, self.times, self._start = cuda, [], 0.0
+    """Wall and CPU (this process) seconds of each optimizer step."""
 
-    def _now(self):
+    def __init__(self, cuda: bool):
+        self.cuda, self.times, self.cpu_times, self._start, self._cpu_start = cuda, [], [], 0.0, 0.0
+
+    def on_step_begin(self, args=None, state=None, control=None, **kwargs):
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = self._now()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(self._now() - self._start)
+    def on_step_end(self, args=None, state=None, control=None, **kwargs):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self._start)
+        self.cpu_times.append(time.process_time() - self._cpu_start)
 
 
 class _RandomTokens(torch.utils.data.Dataset):
@@ -138,7 +157,8 @@ def state_per_rank(trainer) -> dict:
     optimizer_state = [t for state in trainer.optimizer.state.values() for t in state.values()]
     lets = []
     if trainer.rule is not None:
-        lets = [*trainer._backup.values(), *(trainer.radius.u or []), *_tensors_in(trainer.rule.state_dict())]
+        engine = getattr(trainer, "engine", trainer)  # `--before` a commit where the trainer held the backup
+        lets = [*engine._backup.values(), *(trainer.radius.u or []), *_tensors_in(trainer.rule.state_dict())]
     return {
         "params_mb": _local_mb(trainer.model.parameters()),
         "optimizer_mb": _local_mb(optimizer_state),
@@ -191,6 +211,39 @@ def _train(method: str, shape: str, precision: str, batch: int, length: int, ste
     return trainer
 
 
+def _train_loop(method: str, shape: str, precision: str, batch: int, length: int, steps: int, timer=None):
+    """`_train` as a plain loop: the same model, data and defaults, driven by `LETSEngine` without Trainer.
+    Returns a stand-in with the attributes `measure_one` reads."""
+    from lets_hf import LETSArguments, LETSEngine, RhoBatches  # here: `--before` runs this script on older trees
+
+    cuda = torch.cuda.is_available()
+    torch.manual_seed(0)
+    config = BertConfig(**SHAPES[shape], num_labels=2, attn_implementation="sdpa")
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if precision == "bf16" else "no")
+    model = BertForSequenceClassification(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0, fused=True)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
+    loader = DataLoader(_RandomTokens(batch * steps, length, config.vocab_size, 0), batch_size=batch, shuffle=True,
+                        drop_last=True, generator=torch.Generator().manual_seed(0))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    args = LETSArguments(**METHODS[method.removesuffix(LOOP)])
+    rho_batches = RhoBatches(_RandomTokens(batch * 2, length, config.vocab_size, 1), default_collate, batch, 1, 0, 0)
+    engine = LETSEngine(model, optimizer, args, loss_fn=lambda model, inputs: model(**inputs).loss, accelerator=accelerator,
+                        rho_batches=rho_batches if args.learn_rho else None, max_grad_norm=1.0)
+    model.train()
+    for inputs in loader:
+        if timer is not None:
+            timer.on_step_begin()
+        engine.backward(inputs)
+        engine.step()
+        scheduler.step()
+        if timer is not None:
+            timer.on_step_end()
+    return SimpleNamespace(model=model, optimizer=optimizer, engine=engine, rule=engine.rule,
+                           radius=getattr(engine, "radius", None), accelerator=accelerator,
+                           args=SimpleNamespace(world_size=accelerator.num_processes))
+
+
 def measure_one(method: str, shape: str, precision: str, batch: int, length: int, output_dir: str,
                 profiled_steps: int, sharding: str | None = None) -> dict:
     """Train WARMUP + MEASURED steps of one method; return its step times and peak memory (this rank's)."""
@@ -198,17 +251,23 @@ def measure_one(method: str, shape: str, precision: str, batch: int, length: int
     timer = _StepTimer(cuda)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer = _train(method, shape, precision, batch, length, WARMUP + MEASURED, output_dir, [timer], sharding)
+    def run(steps: int, timer=None):
+        if method.endswith(LOOP):
+            return _train_loop(method, shape, precision, batch, length, steps, timer)
+        return _train(method, shape, precision, batch, length, steps, output_dir, [timer] if timer else [], sharding)
+
+    trainer = run(WARMUP + MEASURED, timer)
     if cuda:
         peak = torch.cuda.max_memory_allocated()
     else:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            _train(method, shape, precision, batch, length, profiled_steps, output_dir, sharding=sharding)
+            run(profiled_steps)
         peak = peak_live_bytes(prof)
-    measured = timer.times[WARMUP:]
+    measured, measured_cpu = timer.times[WARMUP:], timer.cpu_times[WARMUP:]
     return {
         "median_s": statistics.median(measured),
         "mean_s": statistics.mean(measured),
+        "cpu_mean_s": statistics.mean(measured_cpu),
         "peak_mb": peak / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "param_mb": trainer.model.num_parameters() * next(trainer.model.parameters()).element_size() / 2**20,
@@ -226,52 +285,85 @@ def measure_launched(method: str, cli, output_dir: str) -> dict | None:
     leave_together()
     if int(os.environ.get("RANK", 0)) != 0:
         return None
-    keys = ("median_s", "mean_s", "peak_mb", "peak_rss_mb", "params_mb", "optimizer_mb", "lets_buffers_mb")
+    keys = ("median_s", "mean_s", "cpu_mean_s", "peak_mb", "peak_rss_mb", "params_mb", "optimizer_mb", "lets_buffers_mb")
     worst = {key: max(r[key] for r in rows) for key in keys}
     return {**row, **worst, "peak_mb_per_rank": [r["peak_mb"] for r in rows]}
 
 
 def run_all(cli) -> list[dict]:
+    """Every method (and, with `--before`, the same method on the older tree) once per round, interleaved."""
+    trees = {"": REPO, **({" (before)": cli._before_tree} if cli.before else {})}
     rows = []
-    for sharding in cli.sharding or [None]:
-        for method in cli.methods:
-            one = [__file__, "--_one", method, "--model", cli.model, "--precision", cli.precision,
-                   "--batch", str(cli.batch), "--length", str(cli.length),
-                   "--_profiled_steps", str(memory_steps(cli.methods if sharding else [method]))]
-            if sharding is None:
-                command = [sys.executable, *one]
-            else:  # torchrun, so that one GPU still runs DDP and FSDP2 (over one rank)
-                launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(cli.num_processes)]
-                command = [sys.executable, *launcher, *one, "--_sharding", sharding]
-            threads = {"OMP_NUM_THREADS": "1"} if sharding and not torch.cuda.is_available() else {}
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **threads})
-            if done.returncode != 0:
-                raise RuntimeError(f"{method} ({sharding}) failed:\n{done.stderr[-4000:]}")
-            name = method if sharding is None else f"{method} {sharding}"
-            row = {"method": name, **json.loads(done.stdout.strip().splitlines()[-1])}
-            print(f"{name:<30} mean {row['mean_s']:.3f}s  median {row['median_s']:.3f}s  peak {row['peak_mb']:.0f} MB",
-                  flush=True)
-            rows.append(row)
+    for round_index in range(cli.rounds):
+        for sharding in cli.sharding or [None]:
+            for method in cli.methods:
+                for label, tree in trees.items():
+                    if method.endswith(LOOP) and label:
+                        continue  # the plain loop is new: nothing to compare it with before
+                    name = (method if sharding is None else f"{method} {sharding}") + label
+                    row = {"method": name, "round": round_index, **_run_one(cli, method, sharding, tree)}
+                    print(f"{name:<40} round {round_index}  mean {row['mean_s']:.3f}s  cpu {row['cpu_mean_s']:.3f}s  "
+                          f"peak {row['peak_mb']:.0f} MB", flush=True)
+                    rows.append(row)
     return rows
 
 
+def _run_one(cli, method: str, sharding: str | None, tree: Path) -> dict:
+    """One method in its own process, with `tree`'s copy of this script (so with `tree`'s lets_hf)."""
+    one = [str(tree / "benchmarks" / Path(__file__).name), "--_one", method, "--model", cli.model,
+           "--precision", cli.precision, "--batch", str(cli.batch), "--length", str(cli.length),
+           "--_profiled_steps", str(memory_steps(cli.methods if sharding else [method]))]
+    if sharding is None:
+        command = [sys.executable, *one]
+    else:  # torchrun, so that one GPU still runs DDP and FSDP2 (over one rank)
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(cli.num_processes)]
+        command = [sys.executable, *launcher, *one, "--_sharding", sharding]
+    threads = cli.threads or (1 if sharding and not torch.cuda.is_available() else None)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{method} ({sharding}, {tree}) failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median_over_rounds(rows: list[dict]) -> list[dict]:
+    """One row per method: the median over rounds of every number (CPU time per step is what rounds steady)."""
+    by_method: dict[str, list[dict]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], []).append(row)
+    merged = []
+    for method, runs in by_method.items():
+        numbers = {k: statistics.median(r[k] for r in runs) for k, v in runs[0].items() if isinstance(v, (int, float))}
+        merged.append({**runs[0], **numbers, "method": method, "rounds": len(runs)})
+    return merged
+
+
 def to_markdown(rows: list[dict], cli, device: str) -> str:
+    """Ratios to AdamW and SAM of the same kind: a `loop` row to the loop's, a `(before)` row to the older tree's."""
     base = {r["method"]: r for r in rows}
-    adamw, sam = base["adamw"], base["sam"]
+    adamw = base["adamw"]
+    rounds = f"{cli.rounds} interleaved rounds, medians; " if cli.rounds > 1 else ""
     lines = [
         f"Step cost on {device}: BERT of {cli.model} shape, batch {cli.batch}, length {cli.length}, {cli.precision}; "
-        f"{MEASURED} measured steps after {WARMUP} warm-up. Parameters: {adamw['param_mb']:.0f} MB.",
+        f"{MEASURED} measured steps after {WARMUP} warm-up; {rounds}CPU: this process's CPU time per step. "
+        f"Parameters: {adamw['param_mb']:.0f} MB. A `loop` row is the plain loop (LETSEngine, no Trainer), its "
+        "ratios to the loop's AdamW and SAM; `cpu / Trainer` compares it with the same method under Trainer.",
         "",
-        "| method | mean step (s) | mean / adamw | mean / sam | median / adamw | median / sam | peak tensor memory (MB) "
-        "| peak − adamw (MB) | peak − adamw (parameter buffers) | peak RSS (MB) |",
+        "| method | mean step (s) | mean / adamw | mean / sam | cpu / adamw | cpu / sam | cpu / Trainer "
+        "| peak tensor memory (MB) | peak − adamw (MB) | peak − adamw (parameter buffers) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        name = r["method"]
+        kind = LOOP if name.endswith(LOOP) else " (before)" if name.endswith(" (before)") else ""
+        ref_adamw, ref_sam = base.get(f"adamw{kind}", adamw), base.get(f"sam{kind}", base.get("sam"))
+        trainer = base.get(name.removesuffix(LOOP)) if kind == LOOP else None
+        ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}x" if ref is not None and key in ref else "–"  # noqa: E731
         lines.append(
-            f"| {r['method']} | {r['mean_s']:.3f} | {r['mean_s'] / adamw['mean_s']:.2f}x | {r['mean_s'] / sam['mean_s']:.2f}x "
-            f"| {r['median_s'] / adamw['median_s']:.2f}x | {r['median_s'] / sam['median_s']:.2f}x "
-            f"| {r['peak_mb']:.0f} | {r['peak_mb'] - adamw['peak_mb']:+.0f} "
-            f"| {(r['peak_mb'] - adamw['peak_mb']) / r['param_mb']:+.2f} | {r['peak_rss_mb']:.0f} |"
+            f"| {name} | {r['mean_s']:.3f} | {ratio('mean_s', ref_adamw)} | {ratio('mean_s', ref_sam)} "
+            f"| {ratio('cpu_mean_s', ref_adamw)} | {ratio('cpu_mean_s', ref_sam)} | {ratio('cpu_mean_s', trainer)} "
+            f"| {r['peak_mb']:.0f} | {r['peak_mb'] - ref_adamw['peak_mb']:+.0f} "
+            f"| {(r['peak_mb'] - ref_adamw['peak_mb']) / r['param_mb']:+.2f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -309,7 +401,10 @@ def main(argv=None):
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, *LOOP_METHODS], default=[*METHODS, *LOOP_METHODS])
+    parser.add_argument("--rounds", type=int, default=1, help="run every method this many times, interleaved")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (1: CPU-time ratios hold to ~2%%)")
+    parser.add_argument("--before", help="a git ref: run every method on that commit too, interleaved (a worktree)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--sharding", nargs="+", choices=["ddp", "fsdp2"], help="compare these, launched per rank")
     parser.add_argument("--num_processes", type=int, default=torch.cuda.device_count() or 2)
@@ -326,17 +421,38 @@ def main(argv=None):
             print(json.dumps(row))
         return
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({cli.threads or torch.get_num_threads()} threads)"
     if cli.sharding:
         device = f"{device} × {cli.num_processes}" if cuda else f"CPU ({cli.num_processes} processes × 1 thread)"
-    rows = run_all(cli)
-    table = sharding_markdown(rows, cli, device) if cli.sharding else to_markdown(rows, cli, device)
+    with _before_tree(cli):
+        rows = run_all(cli)
+    merged = median_over_rounds(rows)
+    table = sharding_markdown(merged, cli, device) if cli.sharding else to_markdown(merged, cli, device)
     print("\n" + table)
-    kind = "_ddp_vs_fsdp2" if cli.sharding else ""
+    kind = ("_ddp_vs_fsdp2" if cli.sharding else "") + ("_before_after" if cli.before else "")
     stem = Path(cli.out) / f"step_cost{kind}_{'cuda' if cuda else 'cpu'}_{cli.model}_{cli.precision}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(table)
-    stem.with_suffix(".json").write_text(json.dumps({"device": device, "rows": rows}, indent=2))
+    stem.with_suffix(".json").write_text(json.dumps({"device": device, "before": cli.before, "rows": rows}, indent=2))
+
+
+@contextlib.contextmanager
+def _before_tree(cli):
+    """`--before REF`: a temporary git worktree at REF holding this copy of the script (`cli._before_tree`)."""
+    cli._before_tree = None
+    if not cli.before:
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "before"
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), cli.before], check=True,
+                       capture_output=True)
+        try:
+            shutil.copy(__file__, tree / "benchmarks" / Path(__file__).name)
+            cli._before_tree = tree
+            yield
+        finally:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=True)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ class LETSEngine:
         self.global_step = 0  # optimizer steps done; `LETSMixin` sets it from Trainer's state
         self.step_skipped = False
         self.metrics = StepMetrics()
+        self.sharded = False
         if self.rule is None:
             return
         if self.rule.first_pass_loss is not None and passes is None:

@@ -96,7 +96,7 @@ class LightSAMAdam(_PerCoordinate):
 
     @classmethod
     def from_args(cls, args):
-        return cls(beta2=args.adam_beta2)
+        return cls(beta2=getattr(args, "adam_beta2", 0.999))  # a bare LETSArguments (plain loop): AdamW's default
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "step": self.step}

@@ -96,3 +96,13 @@ def test_an_optimizer_a_learned_rho_cannot_differentiate_is_refused_in_a_loop():
     with pytest.raises(UsageError, match="Adagrad"):
         LETSEngine(model, torch.optim.Adagrad(model.parameters(), lr=0.1), args, loss_fn=lambda m, b: m(**b).loss,
                    rho_batches=[])
+
+
+@pytest.mark.parametrize(
+    "sam_variant", ["none", "sam", "asam", "bsam", "lightsam-adagrad-norm", "lightsam-adagrad", "lightsam-adam"]
+)
+def test_every_rule_steps_in_a_loop_configured_by_lets_arguments_alone(one_thread, sam_variant):
+    """`LETSArguments` has no TrainingArguments fields (e.g. `adam_beta2`, which LightSAM-Adam's rule reads)."""
+    run = plain_loop("bert-classification", "sam", GLOBAL_BATCH, steps=1, sam_variant=sam_variant)
+    assert run["engine"].global_step == 1 and not run["engine"].rank_local_state
+    assert not torch.equal(run["theta"], plain_loop("bert-classification", "sam", GLOBAL_BATCH, steps=0)["theta"])
