@@ -421,7 +421,8 @@ def main(argv=None):
             print(json.dumps(row))
         return
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({cli.threads or torch.get_num_threads()} threads)"
+    threads = cli.threads or torch.get_num_threads()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({threads} thread{'s' if threads > 1 else ''})"
     if cli.sharding:
         device = f"{device} × {cli.num_processes}" if cuda else f"CPU ({cli.num_processes} processes × 1 thread)"
     with _before_tree(cli):
