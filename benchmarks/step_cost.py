@@ -420,6 +420,8 @@ def main(argv=None):
         if row is not None:
             print(json.dumps(row))
         return
+    if not cli.sharding and not {"adamw", "sam"} <= set(cli.methods):
+        parser.error("--methods must include adamw and sam: the table's ratios are to them")
     cuda = torch.cuda.is_available()
     threads = cli.threads or torch.get_num_threads()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({threads} thread{'s' if threads > 1 else ''})"
@@ -427,14 +429,14 @@ def main(argv=None):
         device = f"{device} × {cli.num_processes}" if cuda else f"CPU ({cli.num_processes} processes × 1 thread)"
     with _before_tree(cli):
         rows = run_all(cli)
-    merged = median_over_rounds(rows)
-    table = sharding_markdown(merged, cli, device) if cli.sharding else to_markdown(merged, cli, device)
-    print("\n" + table)
     kind = ("_ddp_vs_fsdp2" if cli.sharding else "") + ("_before_after" if cli.before else "")
     stem = Path(cli.out) / f"step_cost{kind}_{'cuda' if cuda else 'cpu'}_{cli.model}_{cli.precision}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".md").write_text(table)
     stem.with_suffix(".json").write_text(json.dumps({"device": device, "before": cli.before, "rows": rows}, indent=2))
+    merged = median_over_rounds(rows)
+    table = sharding_markdown(merged, cli, device) if cli.sharding else to_markdown(merged, cli, device)
+    print("\n" + table)
+    stem.with_suffix(".md").write_text(table)
 
 
 @contextlib.contextmanager
