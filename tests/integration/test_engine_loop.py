@@ -106,3 +106,29 @@ def test_every_rule_steps_in_a_loop_configured_by_lets_arguments_alone(one_threa
     run = plain_loop("bert-classification", "sam", GLOBAL_BATCH, steps=1, sam_variant=sam_variant)
     assert run["engine"].global_step == 1 and not run["engine"].rank_local_state
     assert not torch.equal(run["theta"], plain_loop("bert-classification", "sam", GLOBAL_BATCH, steps=0)["theta"])
+
+
+def test_plain_loop_in_bf16_equals_lets_trainer_in_bf16(tmp_path, one_thread):
+    """accelerate's bf16 autocast on float32 weights, in the loop as in Trainer: the same numbers."""
+    head = "bert-classification"
+    trainer = train(head, "lets-sam", str(tmp_path), batch=GLOBAL_BATCH, dtype=torch.float32, bf16=True)
+    loop = plain_loop(head, "lets-sam", GLOBAL_BATCH, accelerator=Accelerator(cpu=True, mixed_precision="bf16"),
+                      model=build_model(head).float())
+    torch.testing.assert_close(loop["theta"], trainer["theta"], rtol=1e-6, atol=1e-7)
+    assert loop["rho"] == pytest.approx(trainer["rho"], rel=1e-5) and abs(loop["rho"] - 0.05) > 1e-3
+
+
+@pytest.mark.parametrize("sam_variant", ["sam", "bsam"])
+def test_a_loss_scaled_loop_unscales_before_the_rule_and_the_rho_update(one_thread, sam_variant):
+    """fp16's loss scaling through the Accelerator (a CPU `GradScaler` as the stand-in for CUDA amp, set before
+    `prepare` so the optimizer unscales too): scaled and unscaled loops agree."""
+    head = "bert-classification"
+    scaled_accelerator = Accelerator(cpu=True)
+    scaled_accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled = plain_loop(head, "lets-sam", GLOBAL_BATCH, accelerator=scaled_accelerator, model=build_model(head).float(),
+                        sam_variant=sam_variant)
+    plain = plain_loop(head, "lets-sam", GLOBAL_BATCH, accelerator=Accelerator(cpu=True), model=build_model(head).float(),
+                       sam_variant=sam_variant)
+    assert scaled["engine"].grad_scaler is scaled_accelerator.scaler and scaled_accelerator.scaler.get_scale() == 2.0**10
+    torch.testing.assert_close(scaled["theta"], plain["theta"], rtol=1e-5, atol=1e-6)
+    assert scaled["rho"] == pytest.approx(plain["rho"], rel=1e-5) and abs(plain["rho"] - 0.05) > 1e-3
