@@ -54,13 +54,15 @@ def test_a_typo_in_a_method_is_refused_before_any_run(tmp_path):
 def test_method_options_set_the_lets_fields():
     done = subprocess.run(
         [sys.executable, "-c", "import sys; sys.path[:0] = [sys.argv[1]]; import run; "
-         "print(run.parse_method('lets-sam@0.2+antithetic+lr0.1'), run.parse_method('lets-sam+trace+val+mu0.99'))",
+         "print(run.parse_method('lets-sam@0.2+antithetic+lr0.1'), run.parse_method('lets-sam+trace+val+mu0.99'), "
+         "run.parse_method('lets-sam@0.05+frozen+frac0.02+vb64'))",
          str(REPO / "benchmarks" / "glue")], capture_output=True, text=True, env=ONE_THREAD,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == (
         "('lets-sam', 0.2, {'rho_estimator': 'antithetic', 'rho_update_space': 'log', 'rho_lr': 0.1}) "
-        "('lets-sam', None, {'rho_estimator': 'trace', 'rho_objective': 'val-loss', 'rho_trace_decay': 0.99})"
+        "('lets-sam', None, {'rho_estimator': 'trace', 'rho_objective': 'val-loss', 'rho_trace_decay': 0.99}) "
+        "('lets-sam', 0.05, {'rho_optimizer': 'sgd', 'rho_lr': 1e-300, 'rho_val_fraction': 0.02, 'rho_batch_size': 64})"
     ).split()
 
 
