@@ -58,7 +58,7 @@ from lets_hf.tasks.glue import (
     resolve_model_path,
     tokenize_glue,
 )
-from lets_hf.validation import split_for_rho
+from lets_hf.validation import antithetic_held_out, split_for_rho
 
 LOOP_STATE = "loop_state.json"
 SCHEDULERS = [kind.value for kind in SchedulerType if kind != SchedulerType.REDUCE_ON_PLATEAU]
@@ -175,16 +175,9 @@ def load_splits(config: LoopConfig, task, tokenizer, accelerator: Accelerator):
         encoded = tokenize_glue(splits, tokenizer, task, config.max_seq_length)
     train, rho = encoded["train"], None
     if config.learn_rho:  # the same fixed split on every rank, as LETSTrainer holds it out
-        count = antithetic_examples(config, accelerator)
+        count = antithetic_held_out(config, config.per_device_train_batch_size, accelerator.num_processes)
         train, rho = split_for_rho(train, config.rho_val_fraction, config.rho_seed, count)
     return train, rho, {dev.hub_split: encoded[dev.hub_split] for dev in task.dev_splits}
-
-
-def antithetic_examples(config: LoopConfig, accelerator: Accelerator) -> int | None:
-    """The antithetic estimator only ever evaluates its fixed batches: hold out exactly those (as LETSTrainer)."""
-    if config.rho_estimator != "antithetic":
-        return None
-    return config.rho_antithetic_batches * rho_batch_size(config) * accelerator.num_processes
 
 
 def rho_batch_size(config: LoopConfig) -> int:

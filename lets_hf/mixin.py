@@ -27,7 +27,7 @@ from .engine import LETSEngine
 from .errors import UsageError
 from .loss_normalization import LossNormalizationHooks, logits_of
 from .optim import lightsam_optimizer_cls_and_kwargs
-from .validation import RhoBatches, split_for_rho
+from .validation import RhoBatches, antithetic_held_out, split_for_rho
 
 
 class LETSMixin(CheckpointHooks, LossNormalizationHooks):
@@ -89,19 +89,12 @@ class LETSMixin(CheckpointHooks, LossNormalizationHooks):
             raise UsageError("learn_rho=True needs validation data: pass train_dataset (split) or rho_dataset.")
         else:
             self.train_dataset, rho_dataset = split_for_rho(
-                self.train_dataset, self.args.rho_val_fraction, self.args.rho_seed, self._antithetic_examples()
+                self.train_dataset, self.args.rho_val_fraction, self.args.rho_seed,
+                antithetic_held_out(self.args, self.args.per_device_train_batch_size, self.args.world_size),
             )
         if len(rho_dataset) == 0:
             raise UsageError("rho_dataset is empty: learn_rho=True needs validation examples held out from train.")
         return rho_dataset
-
-    def _antithetic_examples(self) -> int | None:
-        """The antithetic estimator evaluates only its fixed batches: it holds out exactly their examples
-        (fewer than `rho_val_fraction` usually, so training keeps more data). `None` for the other estimators."""
-        args = self.args
-        if args.rho_estimator != "antithetic":
-            return None
-        return args.rho_antithetic_batches * (args.rho_batch_size or args.per_device_train_batch_size) * args.world_size
 
     def _prepare_rho_dataset(self, rho_dataset):
         """Hook for trainers that prepare their datasets in `__init__` (TRL tokenizes, packs): the same for ρ's."""
