@@ -189,13 +189,19 @@ def _sharding_args(sharding: str | None) -> dict:
     return {**backend, "fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
 
 
+def _model_and_data(shape: str, batch: int, length: int, steps: int):
+    """A fresh seeded BERT of `shape`, `steps` batches of fixed random tokens, and 2 batches for ρ's validation."""
+    torch.manual_seed(0)
+    config = BertConfig(**SHAPES[shape], num_labels=2, attn_implementation="sdpa")
+    model = BertForSequenceClassification(config)
+    return model, _RandomTokens(batch * steps, length, config.vocab_size, 0), _RandomTokens(batch * 2, length, config.vocab_size, 1)
+
+
 def _train(method: str, shape: str, precision: str, batch: int, length: int, steps: int, output_dir: str, callbacks=(),
            sharding: str | None = None):
     """A fresh model trained `steps` steps on fixed random tokens; returns the trainer."""
     cuda = torch.cuda.is_available()
-    torch.manual_seed(0)
-    config = BertConfig(**SHAPES[shape], num_labels=2, attn_implementation="sdpa")
-    model = BertForSequenceClassification(config)
+    model, train_set, rho_set = _model_and_data(shape, batch, length, steps)
     args = LETSConfig(
         output_dir=output_dir, per_device_train_batch_size=batch, max_steps=steps,
         learning_rate=2e-5, report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10_000,
@@ -203,8 +209,7 @@ def _train(method: str, shape: str, precision: str, batch: int, length: int, ste
         **_sharding_args(sharding),
     )
     trainer = LETSTrainer(
-        model=model, args=args, train_dataset=_RandomTokens(batch * steps, length, config.vocab_size, 0),
-        rho_dataset=_RandomTokens(batch * 2, length, config.vocab_size, 1) if args.learn_rho else None,
+        model=model, args=args, train_dataset=train_set, rho_dataset=rho_set if args.learn_rho else None,
         callbacks=list(callbacks),
     )
     trainer.train()
@@ -216,18 +221,15 @@ def _train_loop(method: str, shape: str, precision: str, batch: int, length: int
     Returns a stand-in with the attributes `measure_one` reads."""
     from lets_hf import LETSArguments, LETSEngine, RhoBatches  # here: `--before` runs this script on older trees
 
-    cuda = torch.cuda.is_available()
-    torch.manual_seed(0)
-    config = BertConfig(**SHAPES[shape], num_labels=2, attn_implementation="sdpa")
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if precision == "bf16" else "no")
-    model = BertForSequenceClassification(config)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="bf16" if precision == "bf16" else "no")
+    model, train_set, rho_set = _model_and_data(shape, batch, length, steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.0, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps)
-    loader = DataLoader(_RandomTokens(batch * steps, length, config.vocab_size, 0), batch_size=batch, shuffle=True,
-                        drop_last=True, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     args = LETSArguments(**METHODS[method.removesuffix(LOOP)])
-    rho_batches = RhoBatches(_RandomTokens(batch * 2, length, config.vocab_size, 1), default_collate, batch, 1, 0, 0)
+    rho_batches = RhoBatches(rho_set, default_collate, batch, 1, 0, 0)
     engine = LETSEngine(model, optimizer, args, loss_fn=lambda model, inputs: model(**inputs).loss, accelerator=accelerator,
                         rho_batches=rho_batches if args.learn_rho else None, max_grad_norm=1.0)
     model.train()
