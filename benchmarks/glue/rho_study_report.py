@@ -11,6 +11,8 @@ never reruns, and writes rho_study.md:
 - the diagnostics per estimator: share of updates that pushed ρ up, the hypergradient's mean SNR and sign
   agreement over the run (`lets_hf.diagnostics`), and how far ρ moved;
 - CPU minutes per run;
+- the signal by epoch: the t-statistic of the logged gap, of the inner product and of dF/dρ in the first epoch and
+  after it, pooled over seeds, and how many ρ updates a 2σ sign of dF/dρ would take;
 
 rho_paths.png (ρ over the steps of every LETS run, a panel per task, the oracle's ρ dashed) and
 diagnostics/<method>.png (ρ, the gap, the inner product, dF/dρ, its SNR and sign agreement over the steps of
@@ -113,6 +115,37 @@ def diagnostics(table: dict, lets_methods: list[str]) -> list[str]:
     return lines
 
 
+def _t(values: np.ndarray) -> float:
+    """Mean over its standard error: |t| < 2 is a mean indistinguishable from zero."""
+    return values.mean() / (values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else np.nan
+
+
+def signal_by_epoch(table: dict, methods: list[str]) -> list[str]:
+    """Which factor of dF/dρ carries a mean: the gap and the inner product (`rho_inner`) of every logged update,
+    in the first epoch and after it, pooled over seeds (per-seed t's in brackets for the gap). The last column
+    is (2/d)², d = |mean|/std of the later epochs' dF/dρ: how many updates a 2σ sign of it would take."""
+    header = ["method", "task", "gap t, epoch 1 (seeds)", "gap t, later (seeds)", "inner t, epoch 1", "inner t, later",
+              "dF/dρ t, later", "updates for a 2σ sign"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in methods:
+        for task in (t for t in TASKS if method in table.get(t, {})):
+            columns = {}
+            for key in ("gen_gap", "rho_inner", "rho_grad"):
+                for epoch, first in (("1", True), ("later", False)):
+                    per_seed = [np.array([e[key] for e in run["log_history"] if key in e and (e["epoch"] <= 1) == first])
+                                for run in table[task][method]["runs"]]
+                    columns[key, epoch] = (np.concatenate(per_seed), [_t(v) for v in per_seed])
+            later = columns["rho_grad", "later"][0]
+            d = abs(later.mean()) / later.std(ddof=1) if later.size > 1 else np.nan
+            cells = [f"{_t(columns['gen_gap', e][0]):+.1f} ({', '.join(f'{t:+.1f}' for t in columns['gen_gap', e][1])})"
+                     for e in ("1", "later")]
+            cells += [f"{_t(columns[key, e][0]):+.1f}" if columns[key, e][0].size else "–"
+                      for key, e in (("rho_inner", "1"), ("rho_inner", "later"), ("rho_grad", "later"))]
+            lines.append(f"| {method} | {TASK_TITLES.get(task, task)} | " + " | ".join(cells)
+                         + f" | {(2 / d) ** 2:,.0f} |")
+    return lines
+
+
 def plot_rho_paths(table: dict, lets_methods: list[str], path: Path) -> None:
     tasks = [t for t in TASKS if any(m in table.get(t, {}) for m in lets_methods)]
     picks = oracle_picks(table)
@@ -154,6 +187,13 @@ def write_report(out_dir: Path, study_dir: Path = STUDY_DIR, seeds: int = 3) -> 
         "0.56-0.57: only values well above those carry signal. CPU: one-thread CPU minutes per run (median over "
         "seeds).", "",
         *diagnostics(table, lets_methods), "",
+        "## The signal by epoch", "",
+        "dF/dρ = gap × inner (`squared-gap`). t = mean / standard error of the values logged every 5 steps (one ρ "
+        "update each for one-step LETS-SAM, issue #15's runs), pooled over seeds; |t| < 2 is a mean indistinguishable "
+        "from zero. LETS measures L_train on the batch it is about to step on, which in the first epoch θ has never "
+        "seen, as it has never seen D_val: the gap there estimates zero by construction. The antithetic rows' "
+        "inner is Δ₊ − Δ₋ and their gap is measured in eval mode at window boundaries.", "",
+        *signal_by_epoch(table, ["lets-sam"] + lets_methods), "",
         f"CPU time of the {len(new)} new runs: {cpu_hours:.1f} CPU-hours.", "",
     ])
     (out_dir / "rho_study.md").write_text(text)

@@ -69,13 +69,17 @@ def test_method_options_set_the_lets_fields():
 def test_rho_study_report_pairs_lets_with_sam_at_its_start_and_the_oracle(tmp_path):
     """Issue #34's report on hand-made runs: STS-B, SAM 0.01 (the oracle, 80) and 0.05 (60) from the old
     study; LETS from ρ₀ = 0.05 at 70, 72 and 74 over seeds 0-2 with 4 ρ updates each (one logged twice: a
-    logging step without a new update repeats the last), 1 pushing ρ up."""
+    logging step without a new update repeats the last), 1 pushing ρ up. The gap: ±0.1 in the first epoch
+    (t = 0), 0.1, 0.2, 0.3 after it (t = 3.5 per seed, 6.9 pooled); the later dF/dρ 2, −1, 3 (d = 0.74: 7
+    updates for a 2σ sign)."""
     study, new = tmp_path / "study", tmp_path / "new"
     for seed in range(3):
         for method, score in (("sam@0.01", 0.80), ("sam@0.05", 0.60)):
             _save_synthetic_run(study, method, seed, score, 60, threads=1, task="stsb", metric="pearson")
-        log = [{"step": 5 * k, "rho": 0.05 / (k + 1), "rho_grad": g, "rho_grad_snr": 0.5,  # 2.0 logged twice
-                "rho_grad_sign_agreement": 0.75} for k, g in enumerate((1.0, 2.0, 2.0, -1.0, 3.0))]
+        log = [{"step": 5 * k, "epoch": epoch, "rho": 0.05 / (k + 1), "rho_grad": g, "gen_gap": gap, "rho_grad_snr": 0.5,
+                "rho_grad_sign_agreement": 0.75}  # 2.0 logged twice
+               for k, (g, gap, epoch) in enumerate(zip((1.0, 2.0, 2.0, -1.0, 3.0), (0.1, -0.1, 0.1, 0.2, 0.3),
+                                                      (0.5, 1.0, 1.5, 2.0, 2.5)))]
         _save_synthetic_run(new, "lets-sam@0.05+antithetic", seed, 0.70 + 0.02 * seed, 120, threads=1, task="stsb",
                             metric="pearson", final_rho=0.0125, log_history=log)
     script = REPO / "benchmarks" / "glue" / "rho_study_report.py"
@@ -86,6 +90,8 @@ def test_rho_study_report_pairs_lets_with_sam_at_its_start_and_the_oracle(tmp_pa
     assert ("| lets-sam+antithetic | 0.05 | STS-B | 72.0 ± 2.0 | 0.0125 | 60.0 ± 0.0 | +12.0 ± 2.0 (n=3) | "
             "80.0 ± 0.0 (0.01) | -8.0 ± 2.0 (n=3) |") in lines
     assert "| lets-sam@0.05+antithetic | STS-B | 4 | 25% | 0.50 | 0.75 | 0.05 → 0.0125, 0.0125, 0.0125 | 2.0 |" in lines
+    assert ("| lets-sam@0.05+antithetic | STS-B | +0.0 (+0.0, +0.0, +0.0) | +6.9 (+3.5, +3.5, +3.5) | – | – | +2.2 "
+            "| 7 |") in lines
     assert any(line.startswith("**PARTIAL") for line in lines)  # MRPC, SST-2 and CoLA have no runs yet
     assert (new / "rho_paths.png").is_file()
 
