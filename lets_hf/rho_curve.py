@@ -22,6 +22,17 @@ def rho_history(log_history: list[dict]) -> list[dict]:
     return [entry for entry in log_history if "rho" in entry]
 
 
+def epoch_starts(history: list[dict]) -> list[float]:
+    """Steps of the logged entries where a new epoch has begun. In the first epoch LETS's L_train comes from
+    batches θ has not seen yet, as L_val does: the gap estimates zero there, so the curves mark where it ends."""
+    starts, epoch = [], 1
+    for entry in history:
+        while entry.get("epoch", 0) > epoch:
+            starts.append(entry["step"])
+            epoch += 1
+    return starts
+
+
 def plot_rho_curve(log_history: list[dict], path: str | Path) -> Path | None:
     """Save the curves of `CURVES` that the log holds as a PNG, one panel each under ρ; `None` when the log
     has no ρ. The diagnostics panels say whether ρ's signal means anything: a band that straddles 0, an SNR
@@ -56,7 +67,10 @@ def plot_rho_curve(log_history: list[dict], path: str | Path) -> Path | None:
         if key == "rho_grad":
             nonzero = [abs(v) for _, v in points if v]
             axis.set_yscale("symlog", linthresh=max(1e-14, min(nonzero)) if nonzero else 1e-12)
-    axes[-1, 0].set_xlabel("optimizer step")
+    for step in epoch_starts(history):
+        for axis in axes[:, 0]:
+            axis.axvline(step, color="gray", linestyle=":", linewidth=1)
+    axes[-1, 0].set_xlabel("optimizer step (dotted: the first logging step of a new epoch)")
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

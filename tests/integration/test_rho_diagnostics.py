@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lets_hf import LETSConfig, LETSTrainer
-from lets_hf.rho_curve import plot_rho_curve
+from lets_hf.rho_curve import epoch_starts, plot_rho_curve
 from lets_hf.validation import split_for_rho
 from tests.heads import build_model, flat_parameters, train_rows, validation_rows
 
@@ -44,6 +44,13 @@ def test_logged_statistics_are_those_of_the_last_updates(tmp_path, one_thread):
 
     path = plot_rho_curve(trainer.state.log_history, tmp_path / "rho_curve.png")
     assert path.stat().st_size > 10_000
+
+
+def test_the_curves_mark_where_each_epoch_after_the_first_begins():
+    """The first epoch's gap estimates zero (L_train and L_val both on unseen data): the plot shows where it ends."""
+    history = [{"step": step, "epoch": epoch} for step, epoch in ((5, 0.5), (10, 1.0), (15, 1.25), (20, 2.0), (25, 2.5))]
+    assert epoch_starts(history) == [15, 25]
+    assert epoch_starts([{"step": 5, "rho": 0.05}]) == []  # a log without epochs (a plain loop's) marks none
 
 
 def test_val_loss_objective_logs_its_inner_product_as_the_hypergradient(tmp_path, one_thread):
