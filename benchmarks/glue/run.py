@@ -280,15 +280,12 @@ def prepare_task(task_name: str, profile: Profile, data_dir: str | None):
     return task, model_path, tokenizer, tokenize_glue(splits, tokenizer, task, task_max_seq_length(profile, task.name))
 
 
-def train_one(task, model_path, tokenizer, encoded, profile: Profile, settings: dict, method: str, seed: int,
-              path: Path, save_every_s: float) -> dict:
-    """Fine-tune once (resuming the run's last checkpoint if it has one) and evaluate on every dev split.
-
-    Returns metrics, wall and CPU time and the training log. CPU time (this process, all threads) is what the
-    study compares: unlike wall time it does not grow when other work shares the machine."""
-    checkpoint, clock = resume_point(path, settings, save_every_s)
+def make_trainer(task, model_path, tokenizer, encoded, profile: Profile, method: str, seed: int, output_dir: Path,
+                 callbacks=()) -> LETSTrainer:
+    """The study's trainer for one (task, method, seed): the profile's hyperparameters, the method's fields,
+    checkpoints only when a callback asks for them."""
     config = LETSConfig(
-        output_dir=str(checkpoint_dir(path)),
+        output_dir=str(output_dir),
         seed=seed,
         learning_rate=task_learning_rate(profile, task.name),
         num_train_epochs=profile.tasks[task.name].epochs,
@@ -297,7 +294,7 @@ def train_one(task, model_path, tokenizer, encoded, profile: Profile, settings: 
         warmup_steps=profile.warmup_ratio,
         weight_decay=profile.weight_decay,
         logging_steps=profile.logging_steps,
-        save_strategy="no",  # RunClock asks for checkpoints by the clock
+        save_strategy="no",
         save_total_limit=1,
         eval_strategy="no",
         report_to="none",
@@ -308,15 +305,25 @@ def train_one(task, model_path, tokenizer, encoded, profile: Profile, settings: 
     preset, rho, lets_fields = parse_method(method)
     config = dataclasses.replace(apply_method(config, preset), rho=rho, **lets_fields)
     set_seed(seed)
-    trainer = LETSTrainer(
+    return LETSTrainer(
         model=load_model(model_path, task),
         args=config,
         train_dataset=encoded["train"],
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=make_compute_metrics(task),
-        callbacks=[clock],
+        callbacks=list(callbacks),
     )
+
+
+def train_one(task, model_path, tokenizer, encoded, profile: Profile, settings: dict, method: str, seed: int,
+              path: Path, save_every_s: float) -> dict:
+    """Fine-tune once (resuming the run's last checkpoint if it has one) and evaluate on every dev split.
+
+    Returns metrics, wall and CPU time and the training log. CPU time (this process, all threads) is what the
+    study compares: unlike wall time it does not grow when other work shares the machine."""
+    checkpoint, clock = resume_point(path, settings, save_every_s)  # RunClock asks for checkpoints by the clock
+    trainer = make_trainer(task, model_path, tokenizer, encoded, profile, method, seed, checkpoint_dir(path), [clock])
     trainer.train(resume_from_checkpoint=checkpoint)
     metrics = {}
     for dev in task.dev_splits:

@@ -249,3 +249,22 @@ def test_study_md_says_partial_until_every_task_method_and_seed_is_saved(tmp_pat
     lines = _study_report(tmp_path)
     assert not any("PARTIAL" in line for line in lines)
     assert any(line.startswith("| lets-sam | 80.0 ± 0.0 |") and "| 80.0 |" in line for line in lines)  # the average
+
+
+def test_rho_signal_splits_an_update_into_its_factors_and_their_noise():
+    """`rho_signal.py`'s statistics on a hand-made snapshot: validation batches (loss, ⟨∇L, u⟩) = (1.0, 2), (1.2, 5),
+    training batches (0.8, 1), (0.6, 3). gap 1.1 − 0.7 = 0.4; inner 3.5 − 2 = 1.5 with variances 4.5 (validation)
+    and 2 (training); the four pairs' gap·inner 0.2, −0.4, 1.6, 1.2: mean 0.65, of which 0.6 = 0.4·1.5."""
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks/glue'); from rho_signal import summarize; "
+        "print(json.dumps(summarize({'validation': [[1.0, 2.0], [1.2, 5.0]], 'train': [[0.8, 1.0], [0.6, 3.0]]})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stats = json.loads(done.stdout.splitlines()[-1])
+    expected = {"gap": 0.4, "gap_snr": 2.0, "inner": 1.5, "inner_snr": 1.5 / 6.5 ** 0.5,
+                "inner_var_from_validation": 4.5 / 6.5, "inner_snr_validation_x8": 1.5 / (4.5 / 8 + 2) ** 0.5,
+                "grad_mean": 0.65, "grad_from_covariance": 1 - 0.6 / 0.65,
+                "grad_snr": 0.65 / (2.51 / 3) ** 0.5, "updates_for_2sigma": (2 / (0.65 / (2.51 / 3) ** 0.5)) ** 2}
+    for name, value in expected.items():
+        assert abs(stats[name] - value) < 1e-9 * max(1.0, abs(value)), name
