@@ -14,7 +14,9 @@ Their means over all the batches are what the update estimates; the spread betwe
 - each factor's mean ± standard error, and its per-update signal-to-noise |mean|/std;
 - how much of the inner product's variance comes from the validation batch (the part a larger `rho_batch_size`
   shrinks) and how much from the training batch;
-- dF/dρ's mean over all (validation, training) pairs and the share of it that is the covariance of its two
+- the correlation, batch to batch, of a batch's loss with its ⟨∇L, u⟩;
+- dF/dρ's mean over all (validation, training) pairs (t: over the standard error of a mean over pairs, from its row
+  and column means) and the share of it that is the covariance of its two
   factors (they come from the same batches: E[gap·inner] ≠ E[gap]·E[inner]), a bias rather than a signal;
 - dF/dρ's per-update SNR over those pairs, and the updates a 2σ sign of it would take.
 """
@@ -56,7 +58,7 @@ def loss_and_inner(trainer, batch, u, seed: int) -> tuple[float, float]:
     loss = trainer.engine.passes.validation_loss(model, batch)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     inner = sum(float((g.double() * v.double()).sum()) for g, v in zip(grads, u) if g is not None)
-    return float(loss), inner
+    return float(loss.detach()), inner
 
 
 def snapshot(task_name: str, method: str, seed: int, step: int, train_batches: int, resume: str | None,
@@ -95,13 +97,17 @@ def summarize(record: dict) -> dict:
     inner, inner_se = mean_se(val_inner, train_inner)
     inner_var_val, inner_var_train = val_inner.var(ddof=1), train_inner.var(ddof=1)
     product_snr = abs(products.mean()) / products.std(ddof=1)
+    pairs = (gaps * inners)  # the mean over pairs has the variance of its row and column means (Hoeffding)
+    product_se = np.sqrt(pairs.mean(axis=1).var(ddof=1) / val.shape[0] + pairs.mean(axis=0).var(ddof=1) / train.shape[0])
     return {
         "gap": gap, "gap_t": gap / gap_se, "gap_snr": abs(gap) / np.sqrt(val_loss.var(ddof=1) + train_loss.var(ddof=1)),
         "inner": inner, "inner_t": inner / inner_se,
         "inner_snr": abs(inner) / np.sqrt(inner_var_val + inner_var_train),
         "inner_var_from_validation": inner_var_val / (inner_var_val + inner_var_train),
         "inner_snr_validation_x8": abs(inner) / np.sqrt(inner_var_val / 8 + inner_var_train),
-        "grad_mean": products.mean(), "grad_from_covariance": 1 - gap * inner / products.mean(),
+        "loss_inner_correlation": (np.corrcoef(val_loss, val_inner)[0, 1], np.corrcoef(train_loss, train_inner)[0, 1]),
+        "grad_mean": products.mean(), "grad_t": products.mean() / product_se,
+        "grad_from_covariance": 1 - gap * inner / products.mean(),
         "grad_snr": product_snr, "updates_for_2sigma": (2 / product_snr) ** 2,
     }
 
@@ -109,7 +115,7 @@ def summarize(record: dict) -> dict:
 def write_table(out_dir: Path) -> str:
     header = ["task", "method", "seed", "step (epoch)", "batches val / train", "gap (t)", "gap SNR/update",
               "inner t", "inner SNR/update", "inner variance from the validation batch", "inner SNR, 8x validation batch",
-              "dF/dρ mean", "its share from cov(gap, inner)", "dF/dρ SNR/update", "updates for a 2σ sign"]
+              "corr(L, ⟨∇L, u⟩) val / train", "dF/dρ mean (t)", "its share from cov(gap, inner)", "dF/dρ SNR/update", "updates for a 2σ sign"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for path in sorted(out_dir.glob("*.json")):
         record = json.loads(path.read_text())
@@ -119,7 +125,8 @@ def write_table(out_dir: Path) -> str:
             f"{record['step']} ({record['epoch']:.2f})", f"{len(record['validation'])} / {len(record['train'])}",
             f"{s['gap']:+.3f} ({s['gap_t']:+.1f})", f"{s['gap_snr']:.2f}", f"{s['inner_t']:+.1f}",
             f"{s['inner_snr']:.3f}", f"{s['inner_var_from_validation']:.0%}", f"{s['inner_snr_validation_x8']:.3f}",
-            f"{s['grad_mean']:+.2e}", f"{s['grad_from_covariance']:.0%}", f"{s['grad_snr']:.3f}",
+            "{:+.2f} / {:+.2f}".format(*s["loss_inner_correlation"]), f"{s['grad_mean']:+.2e} ({s['grad_t']:+.1f})",
+            f"{s['grad_from_covariance']:.0%}", f"{s['grad_snr']:.3f}",
             f"{s['updates_for_2sigma']:,.0f}",
         ]) + " |")
     text = "\n".join([

@@ -265,6 +265,9 @@ def test_rho_signal_splits_an_update_into_its_factors_and_their_noise():
     expected = {"gap": 0.4, "gap_snr": 2.0, "inner": 1.5, "inner_snr": 1.5 / 6.5 ** 0.5,
                 "inner_var_from_validation": 4.5 / 6.5, "inner_snr_validation_x8": 1.5 / (4.5 / 8 + 2) ** 0.5,
                 "grad_mean": 0.65, "grad_from_covariance": 1 - 0.6 / 0.65,
+                # pair means by validation batch −0.1, 1.4 and by training batch 0.9, 0.4: se² = 1.125/2 + 0.125/2
+                "grad_t": 0.65 / 0.625 ** 0.5,
                 "grad_snr": 0.65 / (2.51 / 3) ** 0.5, "updates_for_2sigma": (2 / (0.65 / (2.51 / 3) ** 0.5)) ** 2}
     for name, value in expected.items():
         assert abs(stats[name] - value) < 1e-9 * max(1.0, abs(value)), name
+    assert [round(r, 9) for r in stats["loss_inner_correlation"]] == [1.0, -1.0]  # two points each: ±1
