@@ -122,10 +122,11 @@ def _t(values: np.ndarray) -> float:
 
 def signal_by_epoch(table: dict, methods: list[str]) -> list[str]:
     """Which factor of dF/dρ carries a mean: the gap and the inner product (`rho_inner`) of every logged update,
-    in the first epoch and after it, pooled over seeds (per-seed t's in brackets for the gap). The last column
-    is (2/d)², d = |mean|/std of the later epochs' dF/dρ: how many updates a 2σ sign of it would take."""
+    in the first epoch and after it, pooled over seeds (per-seed t's in brackets for the gap); the share of
+    logged dF/dρ < 0 (pushing ρ up) in each. The last column is (2/d)², d = |mean|/std of the later epochs'
+    dF/dρ: how many updates a 2σ sign of it would take."""
     header = ["method", "task", "gap t, epoch 1 (seeds)", "gap t, later (seeds)", "inner t, epoch 1", "inner t, later",
-              "dF/dρ t, later", "updates for a 2σ sign"]
+              "dF/dρ t, later", "pushed up, epoch 1 / later", "updates for a 2σ sign"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method in methods:
         for task in (t for t in TASKS if method in table.get(t, {})):
@@ -141,8 +142,9 @@ def signal_by_epoch(table: dict, methods: list[str]) -> list[str]:
                      for e in ("1", "later")]
             cells += [f"{_t(columns[key, e][0]):+.1f}" if columns[key, e][0].size else "–"
                       for key, e in (("rho_inner", "1"), ("rho_inner", "later"), ("rho_grad", "later"))]
+            up = [np.mean(columns["rho_grad", e][0] < 0) if columns["rho_grad", e][0].size else np.nan for e in ("1", "later")]
             lines.append(f"| {method} | {TASK_TITLES.get(task, task)} | " + " | ".join(cells)
-                         + f" | {(2 / d) ** 2:,.0f} |")
+                         + f" | {up[0]:.0%} / {up[1]:.0%} | {(2 / d) ** 2:,.0f} |")
     return lines
 
 

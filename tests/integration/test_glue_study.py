@@ -91,7 +91,7 @@ def test_rho_study_report_pairs_lets_with_sam_at_its_start_and_the_oracle(tmp_pa
             "80.0 ± 0.0 (0.01) | -8.0 ± 2.0 (n=3) |") in lines
     assert "| lets-sam@0.05+antithetic | STS-B | 4 | 25% | 0.50 | 0.75 | 0.05 → 0.0125, 0.0125, 0.0125 | 2.0 |" in lines
     assert ("| lets-sam@0.05+antithetic | STS-B | +0.0 (+0.0, +0.0, +0.0) | +6.9 (+3.5, +3.5, +3.5) | – | – | +2.2 "
-            "| 7 |") in lines
+            "| 0% / 33% | 7 |") in lines
     assert any(line.startswith("**PARTIAL") for line in lines)  # MRPC, SST-2 and CoLA have no runs yet
     assert (new / "rho_paths.png").is_file()
 
