@@ -22,7 +22,7 @@ def rho_history(log_history: list[dict]) -> list[dict]:
     return [entry for entry in log_history if "rho" in entry]
 
 
-def epoch_starts(history: list[dict]) -> list[float]:
+def epoch_starts(history: list[dict]) -> list[int]:
     """Steps of the logged entries where a new epoch has begun. In the first epoch LETS's L_train comes from
     batches θ has not seen yet, as L_val does: the gap estimates zero there, so the curves mark where it ends."""
     starts, epoch = [], 1

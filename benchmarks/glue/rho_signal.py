@@ -88,7 +88,9 @@ def summarize(record: dict) -> dict:
     (val_loss, val_inner), (train_loss, train_inner) = val.T, train.T
     gaps = val_loss[:, None] - train_loss[None, :]  # every (validation, training) pair is a possible update
     inners = val_inner[:, None] - train_inner[None, :]
-    products = (gaps * inners).ravel()
+    grads = gaps * inners  # dF/dρ of each pair; their mean has the variance of its row and column means (Hoeffding)
+    grad_mean, grad_std = grads.mean(), grads.std(ddof=1)
+    grad_se = np.sqrt(grads.mean(axis=1).var(ddof=1) / len(val) + grads.mean(axis=0).var(ddof=1) / len(train))
 
     def mean_se(a, b):
         return a.mean() - b.mean(), np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
@@ -96,9 +98,6 @@ def summarize(record: dict) -> dict:
     gap, gap_se = mean_se(val_loss, train_loss)
     inner, inner_se = mean_se(val_inner, train_inner)
     inner_var_val, inner_var_train = val_inner.var(ddof=1), train_inner.var(ddof=1)
-    product_snr = abs(products.mean()) / products.std(ddof=1)
-    pairs = (gaps * inners)  # the mean over pairs has the variance of its row and column means (Hoeffding)
-    product_se = np.sqrt(pairs.mean(axis=1).var(ddof=1) / val.shape[0] + pairs.mean(axis=0).var(ddof=1) / train.shape[0])
     return {
         "gap": gap, "gap_t": gap / gap_se, "gap_snr": abs(gap) / np.sqrt(val_loss.var(ddof=1) + train_loss.var(ddof=1)),
         "inner": inner, "inner_t": inner / inner_se,
@@ -106,9 +105,8 @@ def summarize(record: dict) -> dict:
         "inner_var_from_validation": inner_var_val / (inner_var_val + inner_var_train),
         "inner_snr_validation_x8": abs(inner) / np.sqrt(inner_var_val / 8 + inner_var_train),
         "loss_inner_correlation": (np.corrcoef(val_loss, val_inner)[0, 1], np.corrcoef(train_loss, train_inner)[0, 1]),
-        "grad_mean": products.mean(), "grad_t": products.mean() / product_se,
-        "grad_from_covariance": 1 - gap * inner / products.mean(),
-        "grad_snr": product_snr, "updates_for_2sigma": (2 / product_snr) ** 2,
+        "grad_mean": grad_mean, "grad_t": grad_mean / grad_se, "grad_from_covariance": 1 - gap * inner / grad_mean,
+        "grad_snr": abs(grad_mean) / grad_std, "updates_for_2sigma": (grad_std / grad_mean * 2) ** 2,
     }
 
 
