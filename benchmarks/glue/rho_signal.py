@@ -9,7 +9,8 @@ u = ∂θ_{t+1}/∂ρ for the next ρ update (a multiple of `rho_update_interval
 takes, in train mode and seeded, the loss and ⟨∇L, u⟩ of every held-out ρ batch and of `--train_batches` training
 batches. An update pairs one of each: gap = L_val − L_train, inner = ⟨∇L_val − ∇L_train, u⟩, dF/dρ = gap·inner.
 Their means over all the batches are what the update estimates; the spread between batches is its noise. Saves
-`<out_dir>/<task>-<method>-seed<k>-step<t>.json` and rewrites `<out_dir>/signal.md` from every saved snapshot:
+`<out_dir>/<task>-<method>-seed<k>-step<t>.json` and rewrites `<out_dir>/signal.md` and `signal.png` (each batch's
+loss against its ⟨∇L, u⟩) from every saved snapshot:
 
 - each factor's mean ± standard error, and its per-update signal-to-noise |mean|/std;
 - how much of the inner product's variance comes from the validation batch (the part a larger `rho_batch_size`
@@ -110,13 +111,39 @@ def summarize(record: dict) -> dict:
     }
 
 
+def plot_batches(records: list[dict], path: Path) -> None:
+    """One panel per snapshot: each batch's loss against its ⟨∇L, u⟩, held-out and training batches apart. A
+    slope is the covariance that dominates dF/dρ's mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(records), figsize=(3.2 * len(records), 3), squeeze=False)
+    for axis, record in zip(axes[0], records):
+        for side, color in (("validation", "C1"), ("train", "C0")):
+            loss, inner = np.array(record[side]).T
+            axis.scatter(inner, loss, s=10, color=color, label="held-out (ρ) batch" if side == "validation" else "training batch")
+        axis.set_title(f"{TASK_TITLES.get(record['task'], record['task'])}, seed {record['seed']}, step {record['step']}",
+                       fontsize=9)
+        axis.set_xlabel("⟨∇L, u⟩", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.xaxis.get_offset_text().set_fontsize(7)
+    axes[0, 0].set_ylabel("batch loss", fontsize=8)
+    axes[0, 0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def write_table(out_dir: Path) -> str:
     header = ["task", "method", "seed", "step (epoch)", "batches val / train", "gap (t)", "gap SNR/update",
               "inner t", "inner SNR/update", "inner variance from the validation batch", "inner SNR, 8x validation batch",
               "corr(L, ⟨∇L, u⟩) val / train", "dF/dρ mean (t)", "its share from cov(gap, inner)", "dF/dρ SNR/update", "updates for a 2σ sign"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for path in sorted(out_dir.glob("*.json")):
-        record = json.loads(path.read_text())
+    records = sorted((json.loads(path.read_text()) for path in out_dir.glob("*.json")),
+                     key=lambda r: (r["task"], r["method"], r["seed"], r["step"]))
+    for record in records:
         s = summarize(record)
         lines.append("| " + " | ".join([
             TASK_TITLES.get(record["task"], record["task"]), record["method"], str(record["seed"]),
@@ -138,6 +165,7 @@ def write_table(out_dir: Path) -> str:
         *lines, "",
     ])
     (out_dir / "signal.md").write_text(text)
+    plot_batches(records, out_dir / "signal.png")
     return text
 
 
