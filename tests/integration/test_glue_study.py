@@ -251,13 +251,17 @@ def test_study_md_says_partial_until_every_task_method_and_seed_is_saved(tmp_pat
     assert any(line.startswith("| lets-sam | 80.0 ± 0.0 |") and "| 80.0 |" in line for line in lines)  # the average
 
 
-def test_rho_signal_splits_an_update_into_its_factors_and_their_noise():
+def test_rho_signal_splits_an_update_into_its_factors_and_their_noise(tmp_path):
     """`rho_signal.py`'s statistics on a hand-made snapshot: validation batches (loss, ⟨∇L, u⟩) = (1.0, 2), (1.2, 5),
     training batches (0.8, 1), (0.6, 3). gap 1.1 − 0.7 = 0.4; inner 3.5 − 2 = 1.5 with variances 4.5 (validation)
     and 2 (training); the four pairs' gap·inner 0.2, −0.4, 1.6, 1.2: mean 0.65, of which 0.6 = 0.4·1.5."""
+    record = {"task": "mrpc", "method": "lets-sam@0.05+frozen", "seed": 0, "step": 5, "epoch": 0.25,
+              "validation": [[1.0, 2.0], [1.2, 5.0]], "train": [[0.8, 1.0], [0.6, 3.0]]}
+    (tmp_path / "snapshot.json").write_text(json.dumps(record))
     code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks/glue'); from rho_signal import summarize; "
-        "print(json.dumps(summarize({'validation': [[1.0, 2.0], [1.2, 5.0]], 'train': [[0.8, 1.0], [0.6, 3.0]]})))"
+        "import json, sys; from pathlib import Path; sys.path.insert(0, 'benchmarks/glue'); "
+        "from rho_signal import summarize, write_table; "
+        f"write_table(Path({str(tmp_path)!r})); print(json.dumps(summarize(json.loads(Path({str(tmp_path / 'snapshot.json')!r}).read_text()))))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -271,3 +275,7 @@ def test_rho_signal_splits_an_update_into_its_factors_and_their_noise():
     for name, value in expected.items():
         assert abs(stats[name] - value) < 1e-9 * max(1.0, abs(value)), name
     assert [round(r, 9) for r in stats["loss_inner_correlation"]] == [1.0, -1.0]  # two points each: ±1
+    table = (tmp_path / "signal.md").read_text().splitlines()
+    assert ("| MRPC | lets-sam@0.05+frozen | 0 | 5 (0.25) | 2 / 2 | +0.400 (+2.8) | 2.00 | +0.8 | 0.588 | 69% | 0.937 | "
+            "+1.00 / -1.00 | +6.50e-01 (+0.8) | 8% | 0.711 | 8 |") in table
+    assert (tmp_path / "signal.png").stat().st_size > 10_000
