@@ -19,7 +19,8 @@ loss against its ⟨∇L, u⟩) from every saved snapshot:
 - dF/dρ's mean over all (validation, training) pairs (t: over the standard error of a mean over pairs, from its row
   and column means) and the share of it that is the covariance of its two
   factors (they come from the same batches: E[gap·inner] ≠ E[gap]·E[inner]), a bias rather than a signal;
-- dF/dρ's per-update SNR over those pairs, and the updates a 2σ sign of it would take.
+- dF/dρ's per-update SNR over those pairs, and the updates a 2σ sign of it would take;
+- the same for the `val-loss` objective, whose dF/dρ is ⟨∇L_val, u⟩ alone.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def summarize(record: dict) -> dict:
         "loss_inner_correlation": (np.corrcoef(val_loss, val_inner)[0, 1], np.corrcoef(train_loss, train_inner)[0, 1]),
         "grad_mean": grad_mean, "grad_t": grad_mean / grad_se, "grad_from_covariance": 1 - gap * inner / grad_mean,
         "grad_snr": abs(grad_mean) / grad_std, "updates_for_2sigma": (grad_std / grad_mean * 2) ** 2,
+        "val_loss_grad_t": val_inner.mean() / np.sqrt(inner_var_val / val_inner.size),
+        "val_loss_grad_snr": abs(val_inner.mean()) / np.sqrt(inner_var_val),
     }
 
 
@@ -139,7 +142,7 @@ def plot_batches(records: list[dict], path: Path) -> None:
 def write_table(out_dir: Path) -> str:
     header = ["task", "method", "seed", "step (epoch)", "batches val / train", "gap (t)", "gap SNR/update",
               "inner t", "inner SNR/update", "inner variance from the validation batch", "inner SNR, 8x validation batch",
-              "corr(L, ⟨∇L, u⟩) val / train", "dF/dρ mean (t)", "its share from cov(gap, inner)", "dF/dρ SNR/update", "updates for a 2σ sign"]
+              "corr(L, ⟨∇L, u⟩) val / train", "dF/dρ mean (t)", "its share from cov(gap, inner)", "dF/dρ SNR/update", "updates for a 2σ sign", "val-loss dF/dρ t (SNR/update)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     records = sorted((json.loads(path.read_text()) for path in out_dir.glob("*.json")),
                      key=lambda r: (r["task"], r["method"], r["seed"], r["step"]))
@@ -152,7 +155,7 @@ def write_table(out_dir: Path) -> str:
             f"{s['inner_snr']:.3f}", f"{s['inner_var_from_validation']:.0%}", f"{s['inner_snr_validation_x8']:.3f}",
             "{:+.2f} / {:+.2f}".format(*s["loss_inner_correlation"]), f"{s['grad_mean']:+.2e} ({s['grad_t']:+.1f})",
             f"{s['grad_from_covariance']:.0%}", f"{s['grad_snr']:.3f}",
-            f"{s['updates_for_2sigma']:,.0f}",
+            f"{s['updates_for_2sigma']:,.0f}", f"{s['val_loss_grad_t']:+.1f} ({s['val_loss_grad_snr']:.2f})",
         ]) + " |")
     text = "\n".join([
         "# ρ's signal at fixed points of study runs (`benchmarks/glue/rho_signal.py`)", "",
@@ -160,7 +163,8 @@ def write_table(out_dir: Path) -> str:
         "run's batch size, in train mode. gap and inner: mean over the batches (t: over its standard error). "
         "SNR/update: |mean| / std of one update's value (one validation and one training batch). The 8x column "
         "divides the validation batch's share of the variance by 8 (`rho_batch_size` 8x the train batch). dF/dρ: "
-        "over every (validation, training) pair; its share from the covariance is 1 − E[gap]·E[inner] / E[gap·inner].",
+        "over every (validation, training) pair; its share from the covariance is 1 − E[gap]·E[inner] / E[gap·inner]. "
+        "val-loss: dF/dρ = ⟨∇L_val, u⟩ over the held-out batches.",
         "",
         *lines, "",
     ])

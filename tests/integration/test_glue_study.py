@@ -271,11 +271,12 @@ def test_rho_signal_splits_an_update_into_its_factors_and_their_noise(tmp_path):
                 "grad_mean": 0.65, "grad_from_covariance": 1 - 0.6 / 0.65,
                 # pair means by validation batch −0.1, 1.4 and by training batch 0.9, 0.4: se² = 1.125/2 + 0.125/2
                 "grad_t": 0.65 / 0.625 ** 0.5,
-                "grad_snr": 0.65 / (2.51 / 3) ** 0.5, "updates_for_2sigma": (2 / (0.65 / (2.51 / 3) ** 0.5)) ** 2}
+                "grad_snr": 0.65 / (2.51 / 3) ** 0.5, "updates_for_2sigma": (2 / (0.65 / (2.51 / 3) ** 0.5)) ** 2,
+                "val_loss_grad_t": 3.5 / (4.5 / 2) ** 0.5, "val_loss_grad_snr": 3.5 / 4.5 ** 0.5}
     for name, value in expected.items():
         assert abs(stats[name] - value) < 1e-9 * max(1.0, abs(value)), name
     assert [round(r, 9) for r in stats["loss_inner_correlation"]] == [1.0, -1.0]  # two points each: ±1
     table = (tmp_path / "signal.md").read_text().splitlines()
     assert ("| MRPC | lets-sam@0.05+frozen | 0 | 5 (0.25) | 2 / 2 | +0.400 (+2.8) | 2.00 | +0.8 | 0.588 | 69% | 0.937 | "
-            "+1.00 / -1.00 | +6.50e-01 (+0.8) | 8% | 0.711 | 8 |") in table
+            "+1.00 / -1.00 | +6.50e-01 (+0.8) | 8% | 0.711 | 8 | +2.3 (1.65) |") in table
     assert (tmp_path / "signal.png").stat().st_size > 10_000
