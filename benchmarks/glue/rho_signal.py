@@ -64,8 +64,8 @@ def loss_and_inner(trainer, batch, u, seed: int) -> tuple[float, float]:
 
 
 def snapshot(task_name: str, method: str, seed: int, step: int, train_batches: int, resume: str | None,
-             data_dir: str, work_dir: Path) -> dict:
-    profile = PROFILES["study"]
+             data_dir: str, work_dir: Path, profile_name: str = "study") -> dict:
+    profile = PROFILES[profile_name]
     task, model_path, tokenizer, encoded = prepare_task(task_name, profile, data_dir)
     trainer = make_trainer(task, model_path, tokenizer, encoded, profile, method, seed, work_dir, [_StopAt(step)])
     interval = trainer.args.rho_update_interval
@@ -175,6 +175,7 @@ def write_table(out_dir: Path) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="study", choices=sorted(PROFILES), help="run.py's profile of the run")
     parser.add_argument("--task", required=True, choices=sorted(PROFILES["study"].tasks))
     parser.add_argument("--method", default="lets-sam@0.05+frozen")
     parser.add_argument("--seed", type=int, default=0)
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work_dir:  # the trainer's output_dir: it saves nothing
         record = snapshot(cli.task, cli.method, cli.seed, cli.step, cli.train_batches, cli.resume, cli.data_dir,
-                          Path(work_dir))
+                          Path(work_dir), cli.profile)
     name = f"{cli.task}-{cli.method}-seed{cli.seed}-step{cli.step}.json"
     (out_dir / name).write_text(json.dumps(record))
     print(write_table(out_dir))

@@ -280,3 +280,22 @@ def test_rho_signal_splits_an_update_into_its_factors_and_their_noise(tmp_path):
     assert ("| MRPC | lets-sam@0.05+frozen | 0 | 5 (0.25) | 2 / 2 | +0.400 (+2.8) | 2.00 | +0.8 | 0.588 | 69% | 0.937 | "
             "+1.00 / -1.00 | +6.50e-01 (+0.8) | 8% | 0.711 | 8 | +2.3 (1.65) |") in table
     assert (tmp_path / "signal.png").stat().st_size > 10_000
+
+
+def test_rho_signal_stops_a_run_where_u_is_fresh_and_measures_every_held_out_batch(tmp_path):
+    """The smoke profile on the shipped SST-2 sample (86 train, 10 held out, ρ batches of 4: 2 of them), stopped
+    at step 5 (ρ every 5 steps: u_4 tracked). Every batch's ⟨∇L, u⟩ is non-zero, so u is the fresh one; a step
+    where u is not is refused."""
+    script = REPO / "benchmarks" / "glue" / "rho_signal.py"
+    common = ["--profile", "smoke", "--task", "sst2", "--method", "lets-sam@0.05+frozen+vb4", "--train_batches", "3",
+              "--data_dir", str(REPO / "examples" / "data" / "glue"), "--out_dir", str(tmp_path)]
+    done = subprocess.run([sys.executable, str(script), *common, "--step", "5"], capture_output=True, text=True,
+                          env=ONE_THREAD, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "sst2-lets-sam@0.05+frozen+vb4-seed0-step5.json").read_text())
+    assert record["step"] == 5 and len(record["validation"]) == 2 and len(record["train"]) == 3
+    assert all(loss > 0 and inner != 0 for loss, inner in record["validation"] + record["train"])
+    assert "| SST-2 | lets-sam@0.05+frozen+vb4 | 0 | 5 (" in (tmp_path / "signal.md").read_text()
+    refused = subprocess.run([sys.executable, str(script), *common, "--step", "4"], capture_output=True, text=True,
+                             env=ONE_THREAD, timeout=900)
+    assert refused.returncode != 0 and "multiple of rho_update_interval (5)" in refused.stderr
