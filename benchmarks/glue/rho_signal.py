@@ -39,7 +39,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from report import TASK_TITLES  # noqa: E402
 from run import DEFAULT_DATA_DIR, PROFILES, make_trainer, prepare_task  # noqa: E402
 
-from lets_hf.tensor_lists import trainable  # noqa: E402
+from lets_hf.tensor_lists import global_dot, trainable  # noqa: E402
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parents[1] / "results" / "glue-rho-study" / "signal"
 
@@ -52,15 +52,13 @@ class _StopAt(TrainerCallback):
         control.should_training_stop = state.global_step >= self.step
 
 
-def loss_and_inner(trainer, batch, u, seed: int) -> tuple[float, float]:
-    """L and ⟨∇L, u⟩ of one collated batch, through the trainer's own loss (scaled as a train batch)."""
-    model = trainer.model
-    params = trainable(model)[1]
+def loss_and_inner(trainer, batch, params, u, seed: int) -> tuple[float, float]:
+    """L and ⟨∇L, u⟩ (in float64) of one collated batch, through the trainer's own loss (scaled as a train batch)."""
     torch.manual_seed(seed)
-    loss = trainer.engine.passes.validation_loss(model, batch)
+    loss = trainer.engine.passes.validation_loss(trainer.model, batch)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    inner = sum(float((g.double() * v.double()).sum()) for g, v in zip(grads, u) if g is not None)
-    return float(loss.detach()), inner
+    grads, directions = zip(*[(g.double(), v) for g, v in zip(grads, u) if g is not None])
+    return float(loss.detach()), float(global_dot(list(grads), list(directions)))
 
 
 def snapshot(task_name: str, method: str, seed: int, step: int, train_batches: int, resume: str | None,
@@ -74,11 +72,12 @@ def snapshot(task_name: str, method: str, seed: int, step: int, train_batches: i
     trainer.train(resume_from_checkpoint=resume)
     model = trainer.model
     model.train()
-    u = trainer.engine.u_for(trainable(model)[1])
+    params = trainable(model)[1]
+    u = trainer.engine.u_for(params)
     rho_batches = trainer._make_rho_batches()
-    val = [loss_and_inner(trainer, next(rho_batches), u, seed=i) for i in range(rho_batches.batches_per_epoch)]
+    val = [loss_and_inner(trainer, next(rho_batches), params, u, seed=i) for i in range(rho_batches.batches_per_epoch)]
     loader = iter(trainer.get_train_dataloader())
-    train = [loss_and_inner(trainer, next(loader), u, seed=10_000 + i) for i in range(train_batches)]
+    train = [loss_and_inner(trainer, next(loader), params, u, seed=10_000 + i) for i in range(train_batches)]
     return {"task": task_name, "method": method, "seed": seed, "step": step, "epoch": trainer.state.epoch,
             "rho": trainer.rho, "batch_size": trainer.args.per_device_train_batch_size,
             "validation": val, "train": train}
