@@ -58,7 +58,7 @@ from lets_hf.tasks.glue import (
     resolve_model_path,
     tokenize_glue,
 )
-from lets_hf.validation import antithetic_held_out, split_for_rho
+from lets_hf.validation import antithetic_held_out, split_for_rho, validation_batch_size
 
 LOOP_STATE = "loop_state.json"
 SCHEDULERS = [kind.value for kind in SchedulerType if kind != SchedulerType.REDUCE_ON_PLATEAU]
@@ -178,10 +178,6 @@ def load_splits(config: LoopConfig, task, tokenizer, accelerator: Accelerator):
         count = antithetic_held_out(config, config.per_device_train_batch_size, accelerator.num_processes)
         train, rho = split_for_rho(train, config.rho_val_fraction, config.rho_seed, count)
     return train, rho, {dev.hub_split: encoded[dev.hub_split] for dev in task.dev_splits}
-
-
-def rho_batch_size(config: LoopConfig) -> int:
-    return config.rho_batch_size or config.per_device_train_batch_size
 
 
 def make_loader(dataset, collator, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -323,8 +319,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     rho_batches = None
     if config.learn_rho:  # made by the engine once it has checked the settings
-        rho_batches = functools.partial(RhoBatches, rho_set, collator, rho_batch_size(config),
-                                        accelerator.num_processes, accelerator.process_index, config.rho_seed)
+        batch_size = validation_batch_size(config, config.per_device_train_batch_size)
+        rho_batches = functools.partial(RhoBatches, rho_set, collator, batch_size, accelerator.num_processes,
+                                        accelerator.process_index, config.rho_seed)
     engine = LETSEngine(model, optimizer, config, loss_fn=lambda model, batch: model(**batch).loss,
                         accelerator=accelerator, rho_batches=rho_batches, max_grad_norm=config.max_grad_norm,
                         peak_lr=config.learning_rate)

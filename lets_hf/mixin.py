@@ -27,7 +27,7 @@ from .engine import LETSEngine
 from .errors import UsageError
 from .loss_normalization import LossNormalizationHooks, logits_of
 from .optim import lightsam_optimizer_cls_and_kwargs
-from .validation import RhoBatches, antithetic_held_out, split_for_rho
+from .validation import RhoBatches, antithetic_held_out, split_for_rho, validation_batch_size
 
 
 class LETSMixin(CheckpointHooks, LossNormalizationHooks):
@@ -110,7 +110,7 @@ class LETSMixin(CheckpointHooks, LossNormalizationHooks):
         return RhoBatches(
             dataset,
             collator,
-            batch_size=self.args.rho_batch_size or self.args.per_device_train_batch_size,
+            batch_size=validation_batch_size(self.args, self.args.per_device_train_batch_size),
             world_size=self.args.world_size,
             rank=self.args.process_index,
             seed=self.args.rho_seed,

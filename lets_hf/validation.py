@@ -32,12 +32,18 @@ def split_for_rho(train_dataset, fraction: float, seed: int, count: int | None =
     return _select(train_dataset, train_indices), _select(train_dataset, rho_indices)
 
 
+def validation_batch_size(args, per_device_train_batch_size: int) -> int:
+    """ρ's validation batch per device: `rho_batch_size`, or the training micro-batch when unset. The caller
+    passes the micro-batch, since `LETSArguments` alone (in a plain loop's config) has none of its own."""
+    return args.rho_batch_size or per_device_train_batch_size
+
+
 def antithetic_held_out(args, per_device_train_batch_size: int, world_size: int) -> int | None:
     """Examples to hold out for ρ when the estimator is antithetic: exactly its fixed batches (fewer than
     `rho_val_fraction` usually, so training keeps more data); `None` for the other estimators."""
     if args.rho_estimator != "antithetic":
         return None
-    return args.rho_antithetic_batches * (args.rho_batch_size or per_device_train_batch_size) * world_size
+    return args.rho_antithetic_batches * validation_batch_size(args, per_device_train_batch_size) * world_size
 
 
 def _select(dataset, indices: list[int]):
