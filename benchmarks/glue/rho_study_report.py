@@ -39,6 +39,11 @@ from study_report import ORACLE, _cell, _cpu_per_run, _minutes, _task_panels, or
 STUDY_DIR = Path(__file__).resolve().parents[1] / "results" / "glue-study"
 #: The tasks issue #34 reruns (RTE optional), in report order.
 TASKS = ("stsb", "mrpc", "sst2", "cola")
+#: Part 4's starts, and the candidates run from each: the default a user gets (the paper's one-step estimator)
+#: and the best other estimator, as `{rho}` patterns of their study names.
+START_RHOS = (0.01, 0.05, 0.2)
+DEFAULT_RHO = 0.05
+CANDIDATES = {"one-step (default)": "lets-sam@{rho}", "antithetic windows": "lets-sam@{rho}+antithetic+lr0.2+k2"}
 
 
 def split_method(method: str) -> tuple[str, float | None]:
@@ -52,8 +57,12 @@ def _by_seed(cell: dict | None) -> dict[int, float]:
     return {run["seed"]: score for run, score in zip(cell["runs"], cell["score"])} if cell else {}
 
 
+def _differences(first: dict[int, float], second: dict[int, float]) -> list[float]:
+    return [first[seed] - second[seed] for seed in sorted(first.keys() & second.keys())]
+
+
 def _paired(first: dict[int, float], second: dict[int, float]) -> str:
-    diffs = [first[seed] - second[seed] for seed in sorted(first.keys() & second.keys())]
+    diffs = _differences(first, second)
     if not diffs:
         return "–"
     std = f" ± {np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
@@ -82,6 +91,69 @@ def robustness(table: dict, lets_methods: list[str], seeds: int) -> list[str]:
                 f"{_cell(oracle['score'], seeds)} ({picks[task].partition('@')[2]})" if oracle else "–",
                 _paired(_by_seed(cell), _by_seed(oracle)),
             ]) + " |")
+    return lines
+
+
+def candidate_method(pattern: str, rho0: float) -> str:
+    """A candidate's study name from ρ₀; from the rule's default ρ₀ the default is issue #15's `lets-sam`."""
+    name = pattern.format(rho=f"{rho0:g}")
+    return "lets-sam" if name == f"lets-sam@{DEFAULT_RHO:g}" else name
+
+
+def candidates_table(table: dict, seeds: int) -> list[str]:
+    """Part 4's table: per task and ρ₀, the baselines beside each candidate's score, final ρ and paired
+    differences to SAM at ρ₀ and to the oracle."""
+    picks = oracle_picks(table)
+    header = ["task", "ρ₀", "AdamW", "oracle SAM (ρ)", "SAM at ρ₀"]
+    for name in CANDIDATES:
+        header += [f"{name}", "final ρ", "− SAM at ρ₀", "− oracle"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for task in (t for t in TASKS if t in table):
+        oracle, adamw = table[task].get(picks.get(task)), table[task].get("adamw")
+        for rho0 in (r for r in START_RHOS if any(candidate_method(p, r) in table[task] for p in CANDIDATES.values())):
+            sam = _sam_at(table, task, rho0)
+            cells = [TASK_TITLES.get(task, task), f"{rho0:g}", _cell(adamw["score"], seeds) if adamw else "–",
+                     f"{_cell(oracle['score'], seeds)} ({picks[task].partition('@')[2]})" if oracle else "–",
+                     _cell(sam["score"], seeds) if sam else "–"]
+            for pattern in CANDIDATES.values():
+                cell = table[task].get(candidate_method(pattern, rho0))
+                cells += [_cell(cell["score"], seeds), f"{np.mean(cell['final_rho']):.3g}",
+                          _paired(_by_seed(cell), _by_seed(sam)), _paired(_by_seed(cell), _by_seed(oracle))] \
+                    if cell else ["–"] * 4
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _verdict(diffs: list[float], floor: float) -> str:
+    mean = np.mean(diffs)
+    spread = f" ± {np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
+    return f"{mean:+.1f}{spread} (n={len(diffs)}): " + ("met" if mean >= floor else f"missed by {floor - mean:.1f}")
+
+
+def goals(table: dict) -> list[str]:
+    """The issue's three goals per candidate, with the margin by which each is met or missed (means of
+    seed-paired differences; a cell counts with the seeds it has)."""
+    picks, lines = oracle_picks(table), []
+    tasks = [t for t in TASKS if t in table and t in picks]
+    for name, pattern in CANDIDATES.items():
+        def vs(task, rho0, baseline):
+            cell = table[task].get(candidate_method(pattern, rho0))
+            return _differences(_by_seed(cell), _by_seed(baseline)) if cell and baseline else []
+
+        below = [f"{TASK_TITLES.get(t, t)} from {rho0:g}: {_verdict(d, 0.0)}"
+                 for t in tasks for rho0 in START_RHOS if (d := vs(t, rho0, _sam_at(table, t, rho0)))]
+        stsb = vs("stsb", 0.2, table["stsb"].get(picks["stsb"])) if "stsb" in tasks else []
+        per_task = {t: d for t in tasks if (d := vs(t, DEFAULT_RHO, table[t].get(picks[t])))}
+        average = (f"{np.mean([np.mean(d) for d in per_task.values()]):+.1f} over "
+                   f"{', '.join(TASK_TITLES.get(t, t) for t in per_task)}" if per_task else "no runs yet")
+        if per_task:
+            average += ": " + ("met" if np.mean([np.mean(d) for d in per_task.values()]) >= -1.0 else "missed")
+        lines += [f"**{name}**", "",
+                  "- ≥ SAM at ρ₀ from every ρ₀ on every task (paired mean ≥ 0): "
+                  + ("; ".join(below) if below else "no runs yet") + ".",
+                  f"- From 0.2 within 5 of oracle SAM on STS-B: "
+                  + (_verdict(stsb, -5.0) if stsb else "no runs yet") + ".",
+                  f"- From {DEFAULT_RHO:g}, within 1.0 of oracle SAM averaged over tasks: {average}.", ""]
     return lines
 
 
@@ -181,7 +253,14 @@ def write_report(out_dir: Path, study_dir: Path = STUDY_DIR, seeds: int = 3) -> 
         "Dev score ×100, mean ± std over seeds; differences paired by seed. SAM grid, AdamW and one-step "
         "LETS-SAM are issue #15's saved runs (`benchmarks/results/glue-study`); the LETS runs here and SAM at 0.2 "
         "are new, with the same study profile.", "",
-        "## ρ₀ robustness", "", *robustness(table, lets_methods, seeds), "",
+        "## The default and the best other estimator from each ρ₀", "",
+        "The issue's part 4: the default (the paper's one-step estimator; from 0.05, issue #15's LETS-SAM, whose runs "
+        "predate the validation passes' own random stream) and the "
+        "best other estimator (antithetic windows, `+antithetic+lr0.2+k2`) from ρ₀ = 0.01, 0.05, 0.2, beside "
+        "AdamW, oracle SAM and SAM at ρ₀ (0.2 run here). Differences are paired by seed.", "",
+        *candidates_table(table, seeds), "",
+        "### The issue's goals", "", *goals(table),
+        "## ρ₀ robustness, every LETS run", "", *robustness(table, lets_methods, seeds), "",
         "## Diagnostics per estimator", "",
         "'pushed up': share of updates with dF/dρ < 0 (d/d log ρ in the log space); SNR: |mean|/std of dF/dρ over the last 20 updates, "
         "averaged over the logging steps; sign agreement: share of those updates with the mean's sign. Pure noise "
