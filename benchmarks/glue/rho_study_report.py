@@ -125,9 +125,16 @@ def candidates_table(table: dict, seeds: int) -> list[str]:
 
 
 def _verdict(diffs: list[float], floor: float) -> str:
+    """Met or missed by how much; a miss whose margin is under two standard errors says so (t: margin / SE)."""
     mean = np.mean(diffs)
     spread = f" ± {np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
-    return f"{mean:+.1f}{spread} (n={len(diffs)}): " + ("met" if mean >= floor else f"missed by {floor - mean:.1f}")
+    if mean >= floor:
+        return f"{mean:+.1f}{spread} (n={len(diffs)}): met"
+    verdict = f"missed by {floor - mean:.1f}"
+    error = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    if floor - mean < 2 * error:
+        verdict += f" (within seed noise, t {(mean - floor) / error:+.1f})"
+    return f"{mean:+.1f}{spread} (n={len(diffs)}): {verdict}"
 
 
 def goals(table: dict) -> list[str]:
