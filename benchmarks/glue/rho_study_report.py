@@ -106,7 +106,7 @@ def candidates_table(table: dict, seeds: int) -> list[str]:
     picks = oracle_picks(table)
     header = ["task", "ρ₀", "AdamW", "oracle SAM (ρ)", "SAM at ρ₀"]
     for name in CANDIDATES:
-        header += [f"{name}", "final ρ", "− SAM at ρ₀", "− oracle"]
+        header += [name, "final ρ", "− SAM at ρ₀", "− oracle"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for task in (t for t in TASKS if t in table):
         oracle, adamw = table[task].get(picks.get(task)), table[task].get("adamw")
@@ -151,15 +151,15 @@ def goals(table: dict) -> list[str]:
                  for t in tasks for rho0 in START_RHOS if (d := vs(t, rho0, _sam_at(table, t, rho0)))]
         stsb = vs("stsb", 0.2, table["stsb"].get(picks["stsb"])) if "stsb" in tasks else []
         per_task = {t: d for t in tasks if (d := vs(t, DEFAULT_RHO, table[t].get(picks[t])))}
-        average = (f"{np.mean([np.mean(d) for d in per_task.values()]):+.1f} over "
-                   f"{', '.join(TASK_TITLES.get(t, t) for t in per_task)}" if per_task else "no runs yet")
+        average = "no runs yet"
         if per_task:
-            average += ": " + ("met" if np.mean([np.mean(d) for d in per_task.values()]) >= -1.0 else "missed")
+            mean = np.mean([np.mean(d) for d in per_task.values()])
+            average = (f"{mean:+.1f} over {', '.join(TASK_TITLES.get(t, t) for t in per_task)}: "
+                       + ("met" if mean >= -1.0 else "missed"))
         lines += [f"**{name}**", "",
                   "- ≥ SAM at ρ₀ from every ρ₀ on every task (paired mean ≥ 0): "
                   + ("; ".join(below) if below else "no runs yet") + ".",
-                  f"- From 0.2 within 5 of oracle SAM on STS-B: "
-                  + (_verdict(stsb, -5.0) if stsb else "no runs yet") + ".",
+                  "- From 0.2 within 5 of oracle SAM on STS-B: " + (_verdict(stsb, -5.0) if stsb else "no runs yet") + ".",
                   f"- From {DEFAULT_RHO:g}, within 1.0 of oracle SAM averaged over tasks: {average}.", ""]
     return lines
 
