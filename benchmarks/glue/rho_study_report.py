@@ -61,16 +61,23 @@ def _differences(first: dict[int, float], second: dict[int, float]) -> list[floa
     return [first[seed] - second[seed] for seed in sorted(first.keys() & second.keys())]
 
 
-def _paired(first: dict[int, float], second: dict[int, float]) -> str:
-    diffs = _differences(first, second)
-    if not diffs:
-        return "–"
+def _mean_spread(diffs: list[float]) -> str:
     std = f" ± {np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
     return f"{np.mean(diffs):+.1f}{std} (n={len(diffs)})"
 
 
+def _paired(first: dict[int, float], second: dict[int, float]) -> str:
+    diffs = _differences(first, second)
+    return _mean_spread(diffs) if diffs else "–"
+
+
 def _sam_at(table: dict, task: str, rho: float | None) -> dict | None:
-    return table[task].get(f"sam@{rho:g}" if rho is not None else "sam@0.05")
+    return table[task].get(f"sam@{rho if rho is not None else DEFAULT_RHO:g}")
+
+
+def _oracle_cell(oracle: dict | None, pick: str | None, seeds: int) -> str:
+    """The oracle SAM's score and, in brackets, its ρ."""
+    return f"{_cell(oracle['score'], seeds)} ({pick.partition('@')[2]})" if oracle else "–"
 
 
 def robustness(table: dict, lets_methods: list[str], seeds: int) -> list[str]:
@@ -87,8 +94,7 @@ def robustness(table: dict, lets_methods: list[str], seeds: int) -> list[str]:
             lines.append("| " + " | ".join([
                 estimator, f"{rho0:g}" if rho0 else "default", TASK_TITLES.get(task, task), _cell(cell["score"], seeds),
                 f"{np.mean(cell['final_rho']):.3g}", _cell(sam["score"], seeds) if sam else "–",
-                _paired(_by_seed(cell), _by_seed(sam)),
-                f"{_cell(oracle['score'], seeds)} ({picks[task].partition('@')[2]})" if oracle else "–",
+                _paired(_by_seed(cell), _by_seed(sam)), _oracle_cell(oracle, picks.get(task), seeds),
                 _paired(_by_seed(cell), _by_seed(oracle)),
             ]) + " |")
     return lines
@@ -113,8 +119,7 @@ def candidates_table(table: dict, seeds: int) -> list[str]:
         for rho0 in (r for r in START_RHOS if any(candidate_method(p, r) in table[task] for p in CANDIDATES.values())):
             sam = _sam_at(table, task, rho0)
             cells = [TASK_TITLES.get(task, task), f"{rho0:g}", _cell(adamw["score"], seeds) if adamw else "–",
-                     f"{_cell(oracle['score'], seeds)} ({picks[task].partition('@')[2]})" if oracle else "–",
-                     _cell(sam["score"], seeds) if sam else "–"]
+                     _oracle_cell(oracle, picks.get(task), seeds), _cell(sam["score"], seeds) if sam else "–"]
             for pattern in CANDIDATES.values():
                 cell = table[task].get(candidate_method(pattern, rho0))
                 cells += [_cell(cell["score"], seeds), f"{np.mean(cell['final_rho']):.3g}",
@@ -127,14 +132,13 @@ def candidates_table(table: dict, seeds: int) -> list[str]:
 def _verdict(diffs: list[float], floor: float) -> str:
     """Met or missed by how much; a miss whose margin is under two standard errors says so (t: margin / SE)."""
     mean = np.mean(diffs)
-    spread = f" ± {np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
     if mean >= floor:
-        return f"{mean:+.1f}{spread} (n={len(diffs)}): met"
+        return f"{_mean_spread(diffs)}: met"
     verdict = f"missed by {floor - mean:.1f}"
     error = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
     if floor - mean < 2 * error:
         verdict += f" (within seed noise, t {(mean - floor) / error:+.1f})"
-    return f"{mean:+.1f}{spread} (n={len(diffs)}): {verdict}"
+    return f"{_mean_spread(diffs)}: {verdict}"
 
 
 def goals(table: dict) -> list[str]:
