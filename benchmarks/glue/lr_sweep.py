@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import run  # noqa: E402
+from markdown_table import table_header  # noqa: E402
 from report import TASK_TITLES  # noqa: E402
 from saved_runs import load_runs  # noqa: E402
 from study_report import FLOOR, PRIMARY, TASKS  # noqa: E402
@@ -55,7 +56,7 @@ def main(argv=None) -> None:
     for lr in [] if cli.report_only else cli.lrs:
         run.main(["--profile", "study-sweep", "--methods", "adamw", "--learning_rate", str(lr), "--seeds", *cli.seeds,
                   "--tasks", *cli.tasks, "--data_dir", cli.data_dir, "--out_dir", str(OUT / f"lr{lr:g}")])
-    lines = ["| task | floor | " + " | ".join(f"lr {lr:g}" for lr in cli.lrs) + " |", "|" + "---|" * (len(cli.lrs) + 2)]
+    lines = table_header(["task", "floor", *(f"lr {lr:g}" for lr in cli.lrs)])
     for task in cli.tasks:
         cells = []
         for lr in cli.lrs:

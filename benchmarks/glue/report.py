@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 from lets_hf.methods import METHODS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from markdown_table import table_header, table_row  # noqa: E402
 from saved_runs import load_runs, ordered  # noqa: E402  (shared by the benchmark scripts)
 
 TASK_ORDER = ("sst2", "rte", "mrpc", "stsb", "cola")
@@ -73,8 +74,7 @@ def markdown(runs: list[dict], summary: dict) -> str:
         f"Dev-set scores ×100, mean ± std over {seeds} seeds ((n=k): a cell with only k seeds so far). "
         "Wall time: sum over every task and seed.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *table_header(header),
     ]
     for method in methods:
         cells, wall = [method], 0.0
@@ -83,10 +83,10 @@ def markdown(runs: list[dict], summary: dict) -> str:
             for metric in metrics[task]:
                 cells.append(_cell(stats and stats.get(metric), scale=100, seeds=seeds))
             wall += stats["wall_time_s"]["mean"] * stats["wall_time_s"]["n"] if stats else 0.0
-        lines.append("| " + " | ".join(cells + [f"{wall / 60:.1f}"]) + " |")
+        lines.append(table_row(cells + [f"{wall / 60:.1f}"]))
 
     lines += ["", "Wall time per run (s), mean ± std over seeds:", ""]
-    lines += ["| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    lines += table_header(["method", *(TASK_TITLES.get(t, t) for t in tasks)])
     for method in methods:
         cells = [_cell(summary[t].get(method, {}).get("wall_time_s"), scale=1, seeds=seeds, digits=0) for t in tasks]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -94,13 +94,13 @@ def markdown(runs: list[dict], summary: dict) -> str:
     lets = [m for m in methods if m.startswith("lets-")]
     if lets:
         lines += ["", "Final learned ρ (mean over seeds; initial ρ: SAM 0.05, ASAM 0.5):", ""]
-        lines += ["| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+        lines += table_header(["method", *(TASK_TITLES.get(t, t) for t in tasks)])
         for method in lets:
             cells = [f"{np.mean(summary[t][method]['final_rho']):.3g}" if method in summary[t] else "–" for t in tasks]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
 
     lines += ["", "Hyperparameters (one set per task, shared by every method and seed):", ""]
-    lines += ["| task | " + " | ".join(SETTING_COLUMNS) + " |", "|" + "---|" * (len(SETTING_COLUMNS) + 1)]
+    lines += table_header(["task", *SETTING_COLUMNS])
     for task in tasks:
         settings = next(run["settings"] for run in runs if run["task"] == task)
         values = [_setting(column, settings[column]) for column in SETTING_COLUMNS]

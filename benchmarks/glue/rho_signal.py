@@ -36,6 +36,7 @@ import torch
 from transformers import TrainerCallback
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from markdown_table import table_header, table_row  # noqa: E402
 from report import TASK_TITLES  # noqa: E402
 from run import DEFAULT_DATA_DIR, PROFILES, make_trainer, prepare_task  # noqa: E402
 
@@ -142,12 +143,12 @@ def write_table(out_dir: Path) -> str:
     header = ["task", "method", "seed", "step (epoch)", "batches val / train", "gap (t)", "gap SNR/update",
               "inner t", "inner SNR/update", "inner variance from the validation batch", "inner SNR, 8x validation batch",
               "corr(L, ⟨∇L, u⟩) val / train", "dF/dρ mean (t)", "its share from cov(gap, inner)", "dF/dρ SNR/update", "updates for a 2σ sign", "val-loss dF/dρ t (SNR/update)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = table_header(header)
     records = sorted((json.loads(path.read_text()) for path in out_dir.glob("*.json")),
                      key=lambda r: (r["task"], r["method"], r["seed"], r["step"]))
     for record in records:
         s = summarize(record)
-        lines.append("| " + " | ".join([
+        lines.append(table_row([
             TASK_TITLES.get(record["task"], record["task"]), record["method"], str(record["seed"]),
             f"{record['step']} ({record['epoch']:.2f})", f"{len(record['validation'])} / {len(record['train'])}",
             f"{s['gap']:+.3f} ({s['gap_t']:+.1f})", f"{s['gap_snr']:.2f}", f"{s['inner_t']:+.1f}",
@@ -155,7 +156,7 @@ def write_table(out_dir: Path) -> str:
             "{:+.2f} / {:+.2f}".format(*s["loss_inner_correlation"]), f"{s['grad_mean']:+.2e} ({s['grad_t']:+.1f})",
             f"{s['grad_from_covariance']:.0%}", f"{s['grad_snr']:.3f}",
             f"{s['updates_for_2sigma']:,.0f}", f"{s['val_loss_grad_t']:+.1f} ({s['val_loss_grad_snr']:.2f})",
-        ]) + " |")
+        ]))
     text = "\n".join([
         "# ρ's signal at fixed points of study runs (`benchmarks/glue/rho_signal.py`)", "",
         "Each row: one θ and u = ∂θ/∂ρ of a study run, every held-out ρ batch and a sample of training batches of the "

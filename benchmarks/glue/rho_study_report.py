@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from lets_hf.rho_curve import plot_rho_curve  # noqa: E402
+from markdown_table import table_header, table_row  # noqa: E402
 from report import TASK_TITLES  # noqa: E402
 from saved_runs import load_runs  # noqa: E402
 from study_report import ORACLE, _cell, _cpu_per_run, _minutes, _task_panels, oracle_picks, scores  # noqa: E402
@@ -85,18 +86,18 @@ def robustness(table: dict, lets_methods: list[str], seeds: int) -> list[str]:
     picks = oracle_picks(table)
     header = ["method", "ρ₀", "task", "LETS score", "final ρ", "SAM at ρ₀", "LETS − SAM at ρ₀", "oracle SAM (ρ)",
               "LETS − oracle"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = table_header(header)
     for method in lets_methods:
         estimator, rho0 = split_method(method)
         for task in (t for t in TASKS if method in table.get(t, {})):
             cell, sam = table[task][method], _sam_at(table, task, rho0)
             oracle = table[task].get(picks.get(task))
-            lines.append("| " + " | ".join([
+            lines.append(table_row([
                 estimator, f"{rho0:g}" if rho0 else "default", TASK_TITLES.get(task, task), _cell(cell["score"], seeds),
                 f"{np.mean(cell['final_rho']):.3g}", _cell(sam["score"], seeds) if sam else "–",
                 _paired(_by_seed(cell), _by_seed(sam)), _oracle_cell(oracle, picks.get(task), seeds),
                 _paired(_by_seed(cell), _by_seed(oracle)),
-            ]) + " |")
+            ]))
     return lines
 
 
@@ -113,7 +114,7 @@ def candidates_table(table: dict, seeds: int) -> list[str]:
     header = ["task", "ρ₀", "AdamW", "oracle SAM (ρ)", "SAM at ρ₀"]
     for name in CANDIDATES:
         header += [name, "final ρ", "− SAM at ρ₀", "− oracle"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = table_header(header)
     for task in (t for t in TASKS if t in table):
         oracle, adamw = table[task].get(picks.get(task)), table[task].get("adamw")
         for rho0 in (r for r in START_RHOS if any(candidate_method(p, r) in table[task] for p in CANDIDATES.values())):
@@ -125,7 +126,7 @@ def candidates_table(table: dict, seeds: int) -> list[str]:
                 cells += [_cell(cell["score"], seeds), f"{np.mean(cell['final_rho']):.3g}",
                           _paired(_by_seed(cell), _by_seed(sam)), _paired(_by_seed(cell), _by_seed(oracle))] \
                     if cell else ["–"] * 4
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(table_row(cells))
     return lines
 
 
@@ -178,7 +179,7 @@ def diagnostics(table: dict, lets_methods: list[str]) -> list[str]:
     """How each LETS method moved ρ and whether its signal carried information, mean over seeds."""
     header = ["method", "task", "ρ updates", "pushed up", "mean SNR", "mean sign agreement", "ρ₀ → final ρ (seeds)",
               "CPU min/run"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = table_header(header)
     for method in lets_methods:
         for task in (t for t in TASKS if method in table.get(t, {})):
             cell, stats = table[task][method], []
@@ -210,7 +211,7 @@ def signal_by_epoch(table: dict, methods: list[str]) -> list[str]:
     dF/dρ: how many updates a 2σ sign of it would take."""
     header = ["method", "task", "gap t, epoch 1 (seeds)", "gap t, later (seeds)", "inner t, epoch 1", "inner t, later",
               "dF/dρ t, later", "pushed up, epoch 1 / later", "updates for a 2σ sign"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = table_header(header)
     for method in methods:
         for task in (t for t in TASKS if method in table.get(t, {})):
             columns = {}

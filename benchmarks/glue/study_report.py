@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+from markdown_table import table_header, table_row  # noqa: E402
 from report import TASK_TITLES  # noqa: E402
 from saved_runs import load_runs  # noqa: E402
 
@@ -106,7 +107,7 @@ def reading(table: dict, picks: dict) -> list[str]:
     names = {ORACLE: "oracle", "lets-sam": "LETS-SAM", "lets-asam": "LETS-ASAM", "adamw": "AdamW"}
     header = ["task", *(f"{names[a]} − {names[b]}" for a, b in COMPARISONS), "LETS-SAM final ρ", "grid CPU / LETS-SAM CPU"]
     lines = ["Reading: differences of dev score ×100 paired by seed, mean ± std over the seeds both ran (n).", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             *table_header(header)]
     for task in (t for t in TASKS if t in table):
         cells = [TASK_TITLES.get(task, task)]
         for a, b in COMPARISONS:
@@ -119,7 +120,7 @@ def reading(table: dict, picks: dict) -> list[str]:
         grid_cpu = sum(_cpu_per_run(table[task][m]) for m in table[task] if m.startswith("sam@"))
         ratio = grid_cpu / _cpu_per_run(lets) if lets else float("nan")
         cells.append("–" if np.isnan(ratio) else f"{ratio:.1f}x")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(table_row(cells))
     return lines
 
 
@@ -134,7 +135,7 @@ def rho_paths(table: dict) -> list[str]:
     lines = ["How LETS moved ρ (mean over seeds; 'pushed up': share of updates with dF/dρ < 0; top 5: share of "
              "Σ|dF/dρ| in the run's 5 largest updates; path length: the sum of |Δρ| over the updates; net Δρ: "
              "final ρ − ρ₀; gap: L_val − L_train):", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+             *table_header(header)]
     for task in (t for t in TASKS if t in table):
         for method in ("lets-sam", "lets-asam"):
             stats = []
@@ -167,8 +168,7 @@ def markdown(table: dict, seeds: int) -> str:
         "means (GLUE-style, one score per task). CPU: CPU minutes (process time, all threads) of one seed of this "
         "row over its tasks (per task, the median over the seeds that recorded it); the oracle's is the whole grid's.",
         "",
-        "| " + " | ".join(header + ["average", "CPU (min)"]) + " |",
-        "|" + "---|" * (len(header) + 2),
+        *table_header(header + ["average", "CPU (min)"]),
     ]
     cpu_per_run = {}  # row -> task -> CPU seconds of one run (the oracle's: the whole grid)
     for row in rows:
@@ -182,11 +182,11 @@ def markdown(table: dict, seeds: int) -> str:
                 grid = [m for m in table[task] if m.startswith("sam@")] if row == ORACLE else [method]
                 cpu[task] = sum(_cpu_per_run(table[task][m]) for m in grid)
         average = f"{np.mean(means):.1f}" if len(means) == len(TASKS) else "–"  # only over every study task
-        lines.append("| " + " | ".join(cells + [average, _minutes(sum(cpu.values()) if cpu else np.nan)]) + " |")
+        lines.append(table_row(cells + [average, _minutes(sum(cpu.values()) if cpu else np.nan)]))
     lines += ["", f"{ORACLE}: the grid's best ρ per task on dev, its CPU the whole grid's: "
               + ", ".join(f"{TASK_TITLES.get(t, t)} ρ = {rho_of(picks[t]):g}" for t in tasks if t in picks) + "."]
     lines += ["", "CPU minutes of one run (one thread, median over seeds; the oracle's: the whole grid):", "",
-              "| method | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " |", "|---|" + "---|" * len(tasks)]
+              *table_header(["method", *(TASK_TITLES.get(t, t) for t in tasks)])]
     lines += [f"| {row} | " + " | ".join(_minutes(cpu_per_run[row].get(t, np.nan), 1) for t in tasks) + " |"
               for row in rows]
     cells = {task: table[task].values() for task in tasks}

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from lets_hf.methods import METHODS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from markdown_table import table_header, table_row  # noqa: E402
 from saved_runs import load_runs, ordered  # noqa: E402  (shared by the benchmark scripts)
 
 DATASET_ORDER = ("iwslt14-subset", "multi30k", "iwslt14")
@@ -57,8 +58,7 @@ def markdown(runs: list[dict]) -> str:
         "Tokenized BLEU (fairseq-generate's, beam search), mean ± std over seeds (n = seeds). "
         "Wall time: training + evaluation + translation, summed over datasets and seeds.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *table_header(header),
     ]
     for method in methods:
         cells = [_cell([r["metrics"][key] for r in grouped[d, method] if key in r["metrics"]]) for d, key in columns]
@@ -67,7 +67,7 @@ def markdown(runs: list[dict]) -> str:
         rho = "–"
         if method.startswith("lets-"):
             rho = ", ".join(f"{d} {_last_rho(grouped[d, method]):.3g}" for d in datasets if grouped[d, method])
-        lines.append("| " + " | ".join([method, *cells, f"{wall:.1f}", rho]) + " |")
+        lines.append(table_row([method, *cells, f"{wall:.1f}", rho]))
 
     lines += ["", "Settings (`lets-hf iwslt14` flags, shared by every method and seed):", ""]
     for dataset in datasets:
