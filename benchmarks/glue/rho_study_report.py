@@ -16,7 +16,8 @@ never reruns, and writes rho_study.md:
 
 rho_paths.png (ρ over the steps of every LETS run, a panel per task, the oracle's ρ dashed) and
 diagnostics/<method>.png (ρ, the gap, the inner product, dF/dρ, its SNR and sign agreement over the steps of
-each LETS method's STS-B seed 0). While a planned cell is empty, rho_study.md says PARTIAL.
+each LETS method's STS-B seed 0). While one of part 4's runs (`planned_methods`) lacks a seed on a task that
+has any of them, rho_study.md says PARTIAL; it names the tasks that have none (the budget drops CoLA first).
 """
 
 from __future__ import annotations
@@ -45,6 +46,14 @@ TASKS = ("stsb", "mrpc", "sst2", "cola")
 START_RHOS = (0.01, 0.05, 0.2)
 DEFAULT_RHO = 0.05
 CANDIDATES = {"one-step (default)": "lets-sam@{rho}", "antithetic windows": "lets-sam@{rho}+antithetic+lr0.2+k2"}
+
+
+def planned_methods() -> list[str]:
+    """Part 4's new runs: the default from each ρ₀ but 0.05 (issue #15 ran it), the best other estimator from
+    0.05, and SAM at 0.2, which the grid lacks."""
+    default, other = CANDIDATES.values()
+    return ([default.format(rho=rho) for rho in START_RHOS if rho != DEFAULT_RHO]
+            + [other.format(rho=DEFAULT_RHO), "sam@0.2"])
 
 
 def split_method(method: str) -> tuple[str, float | None]:
@@ -255,13 +264,17 @@ def write_report(out_dir: Path, study_dir: Path = STUDY_DIR, seeds: int = 3) -> 
     table = scores([run for run in load_runs(study_dir) if run["task"] in TASKS] + new)
     lets_methods = sorted({run["method"] for run in new if run["method"].startswith("lets-")},
                           key=lambda m: (split_method(m)[0], split_method(m)[1] or 0))
-    planned = [(task, method) for task in TASKS for method in {run["method"] for run in new}]
-    partial = any(len(table[task].get(method, {"runs": []})["runs"]) < seeds for task, method in planned)
+    planned = planned_methods()
+    not_run = [task for task in TASKS if not any(method in table[task] for method in planned)]
+    partial = any(len(table[task].get(method, {"runs": []})["runs"]) < seeds
+                  for task in TASKS if task not in not_run for method in planned)
     cpu_hours = sum(run.get("cpu_time_s", 0) for run in new) / 3600
     text = "\n".join([
         "# Does LETS now find ρ by itself? (issue #34)", "",
         *(["**PARTIAL: runs are still to come; a cell with (n=k) has k of 3 seeds, a task without a row none "
            "yet.**", ""] if partial else []),
+        *([f"**Not run: {', '.join(TASK_TITLES[task] for task in not_run)}, none of part 4's runs (the issue's "
+           "CPU budget drops CoLA first); such a task's rows hold issue #15's runs only.**", ""] if not_run else []),
         "Dev score ×100, mean ± std over seeds; differences paired by seed. SAM grid, AdamW and one-step "
         "LETS-SAM are issue #15's saved runs (`benchmarks/results/glue-study`); the LETS runs here and SAM at 0.2 "
         "are new, with the same study profile.", "",

@@ -95,7 +95,8 @@ def test_rho_study_report_pairs_lets_with_sam_at_its_start_and_the_oracle(tmp_pa
     assert "| lets-sam@0.05+antithetic | STS-B | 4 | 25% | 0.50 | 0.75 | 0.05 → 0.0125, 0.0125, 0.0125 | 2.0 |" in lines
     assert ("| lets-sam@0.05+antithetic | STS-B | +0.0 (+0.0, +0.0, +0.0) | +6.9 (+3.5, +3.5, +3.5) | – | – | +2.2 "
             "| 0% / 33% | 7 |") in lines
-    assert any(line.startswith("**PARTIAL") for line in lines)  # MRPC, SST-2 and CoLA have no runs yet
+    assert any(line.startswith("**PARTIAL") for line in lines)  # STS-B lacks the default from 0.01 and 0.2
+    assert any(line.startswith("**Not run: MRPC, SST-2, CoLA, none of part 4's runs") for line in lines)
     # part 4's table and goals: the default from 0.05 is the old study's `lets-sam` (55, 60, 62: −5, 0, +2 against
     # SAM, a miss of 1.0 whose standard error is 2.1); the antithetic windows from 0.2 score 75, 77, 79 against
     # SAM 0.2's 10 and the oracle's 80
@@ -109,6 +110,13 @@ def test_rho_study_report_pairs_lets_with_sam_at_its_start_and_the_oracle(tmp_pa
     assert "- From 0.2 within 5 of oracle SAM on STS-B: -3.0 ± 2.0 (n=3): met." in lines
     assert "- From 0.05, within 1.0 of oracle SAM averaged over tasks: -21.0 over STS-B: missed." in lines
     assert (new / "rho_paths.png").is_file()
+    for seed in range(3):  # the rest of part 4's runs on STS-B: the report is complete for it
+        for method in ("lets-sam@0.01", "lets-sam@0.2", "lets-sam@0.05+antithetic+lr0.2+k2"):
+            _save_synthetic_run(new, method, seed, 0.7, 60, threads=1, task="stsb", metric="pearson")
+    done = subprocess.run([sys.executable, str(script), "--out_dir", str(new), "--study_dir", str(study)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not any(line.startswith("**PARTIAL") for line in (new / "rho_study.md").read_text().splitlines())
 
 
 def _save_synthetic_run(out_dir, method: str, seed: int, accuracy: float, cpu_time_s: float, threads: int,
