@@ -59,7 +59,7 @@ class LETSMixin(CheckpointHooks, LossNormalizationHooks):
             self._use_non_reentrant_checkpointing()
         self.engine = LETSEngine(
             self.model, self.optimizer, args, passes=_TrainerPasses(self), accelerator=self.accelerator,
-            rho_batches=self._make_rho_batches if args.learn_rho else None,
+            rho_batches=self.get_rho_batches if args.learn_rho else None,
             max_grad_norm=args.max_grad_norm, peak_lr=args.learning_rate,
         )
         self.add_callback(_EngineSteps(self))
@@ -100,7 +100,10 @@ class LETSMixin(CheckpointHooks, LossNormalizationHooks):
         """Hook for trainers that prepare their datasets in `__init__` (TRL tokenizes, packs): the same for ρ's."""
         return rho_dataset
 
-    def _make_rho_batches(self) -> RhoBatches:
+    def get_rho_batches(self) -> RhoBatches:
+        """ρ's validation batches from `rho_dataset`, collated as the train set (unused columns removed), like
+        `get_train_dataloader`: the trainer hands them to its engine when it is built; override to draw them
+        otherwise."""
         dataset = self.rho_dataset
         collator = self.data_collator
         if hasattr(dataset, "column_names"):

@@ -75,7 +75,7 @@ def snapshot(task_name: str, method: str, seed: int, step: int, train_batches: i
     model.train()
     params = trainable(model)[1]
     u = trainer.engine.u_for(params)
-    rho_batches = trainer._make_rho_batches()
+    rho_batches = trainer.get_rho_batches()
     val = [loss_and_inner(trainer, next(rho_batches), params, u, seed=i) for i in range(rho_batches.batches_per_epoch)]
     loader = iter(trainer.get_train_dataloader())
     train = [loss_and_inner(trainer, next(loader), params, u, seed=10_000 + i) for i in range(train_batches)]

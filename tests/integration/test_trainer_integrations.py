@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import Seq2SeqTrainingArguments, Trainer
 
-from lets_hf import LETSArguments, LETSConfig, LETSMixin, LETSSeq2SeqConfig, LETSSeq2SeqTrainer, LETSTrainer, available_rules
+from lets_hf import (
+    LETSArguments, LETSConfig, LETSMixin, LETSSeq2SeqConfig, LETSSeq2SeqTrainer, LETSTrainer, RhoBatches, available_rules,
+)
 from lets_hf.errors import UsageError
 from tests.checks import assert_resume_is_exact
 from tests.heads import build_model, train_rows, validation_rows
@@ -113,6 +115,32 @@ def test_the_mixin_on_a_users_own_trainer_runs_its_compute_loss(make_args):
     reference.train()
     for p, q in zip(own.model.parameters(), reference.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_a_subclass_draws_rho_batches_from_its_own_get_rho_batches(make_args):
+    """`get_rho_batches` is to ρ's validation data what `get_train_dataloader` is to training's: a subclass that
+    draws them from other data trains exactly as a trainer given that data as `rho_dataset`."""
+    args = dict(sam_variant="sam", rho=0.1, learn_rho=True, rho_lr=0.01, optim="adamw_torch", learning_rate=0.01,
+                max_steps=3)
+    held_out = ToyDataset(16, seed=1, dtype=torch.float64)
+
+    class OwnRhoBatches(LETSTrainer):
+        def get_rho_batches(self):
+            return RhoBatches(held_out, self.data_collator, batch_size=8, world_size=1, rank=0, seed=self.args.rho_seed)
+
+    own = OwnRhoBatches(model=TinyClassifier(dtype=torch.float64), args=make_args(**args),
+                        train_dataset=ToyDataset(64, dtype=torch.float64),
+                        rho_dataset=ToyDataset(16, seed=2, dtype=torch.float64))
+    given = LETSTrainer(model=TinyClassifier(dtype=torch.float64), args=make_args(**args),
+                        train_dataset=ToyDataset(64, dtype=torch.float64), rho_dataset=held_out)
+    other = LETSTrainer(model=TinyClassifier(dtype=torch.float64), args=make_args(**args),
+                        train_dataset=ToyDataset(64, dtype=torch.float64),
+                        rho_dataset=ToyDataset(16, seed=2, dtype=torch.float64))
+    for trainer in (own, given, other):
+        trainer.train()
+    assert own.rho == given.rho != other.rho != 0.1
+    for p, q in zip(own.model.parameters(), given.model.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_the_mixin_refuses_arguments_without_the_lets_fields(tmp_path):
