@@ -85,11 +85,7 @@ def test_rho_study_report_pairs_lets_with_sam_at_its_start_and_the_oracle(tmp_pa
                                                       (0.5, 1.0, 1.5, 2.0, 2.5)))]
         _save_synthetic_run(new, "lets-sam@0.05+antithetic", seed, 0.70 + 0.02 * seed, 120, threads=1, task="stsb",
                             metric="pearson", final_rho=0.0125, log_history=log)
-    script = REPO / "benchmarks" / "glue" / "rho_study_report.py"
-    done = subprocess.run([sys.executable, str(script), "--out_dir", str(new), "--study_dir", str(study)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = (new / "rho_study.md").read_text().splitlines()
+    lines = _rho_study_report(new, study)
     assert ("| lets-sam+antithetic | 0.05 | STS-B | 72.0 ± 2.0 | 0.0125 | 60.0 ± 0.0 | +12.0 ± 2.0 (n=3) | "
             "80.0 ± 0.0 (0.01) | -8.0 ± 2.0 (n=3) |") in lines
     assert "| lets-sam@0.05+antithetic | STS-B | 4 | 25% | 0.50 | 0.75 | 0.05 → 0.0125, 0.0125, 0.0125 | 2.0 |" in lines
@@ -113,10 +109,7 @@ def test_rho_study_report_pairs_lets_with_sam_at_its_start_and_the_oracle(tmp_pa
     for seed in range(3):  # the rest of part 4's runs on STS-B: the report is complete for it
         for method in ("lets-sam@0.01", "lets-sam@0.2", "lets-sam@0.05+antithetic+lr0.2+k2"):
             _save_synthetic_run(new, method, seed, 0.7, 60, threads=1, task="stsb", metric="pearson")
-    done = subprocess.run([sys.executable, str(script), "--out_dir", str(new), "--study_dir", str(study)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert not any(line.startswith("**PARTIAL") for line in (new / "rho_study.md").read_text().splitlines())
+    assert not any(line.startswith("**PARTIAL") for line in _rho_study_report(new, study))
 
 
 def _save_synthetic_run(out_dir, method: str, seed: int, accuracy: float, cpu_time_s: float, threads: int,
@@ -130,11 +123,20 @@ def _save_synthetic_run(out_dir, method: str, seed: int, accuracy: float, cpu_ti
     path.write_text(json.dumps(record))
 
 
-def _study_report(out_dir) -> list[str]:
-    script = REPO / "benchmarks" / "glue" / "study_report.py"
-    done = subprocess.run([sys.executable, str(script), "--out_dir", str(out_dir)], capture_output=True, text=True)
+def _report(script: str, report: str, out_dir, *argv: str) -> list[str]:
+    """A report script of benchmarks/glue in its own process; the lines of the report it wrote to out_dir."""
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "glue" / script), "--out_dir", str(out_dir), *argv],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    return (out_dir / "study.md").read_text().splitlines()
+    return (out_dir / report).read_text().splitlines()
+
+
+def _rho_study_report(out_dir, study_dir) -> list[str]:
+    return _report("rho_study_report.py", "rho_study.md", out_dir, "--study_dir", str(study_dir))
+
+
+def _study_report(out_dir) -> list[str]:
+    return _report("study_report.py", "study.md", out_dir)
 
 
 def test_study_report_cpu_and_reading_from_synthetic_runs(tmp_path):

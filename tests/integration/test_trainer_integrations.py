@@ -8,11 +8,12 @@ import torch
 from transformers import Seq2SeqTrainingArguments, Trainer
 
 from lets_hf import (
-    LETSArguments, LETSConfig, LETSMixin, LETSSeq2SeqConfig, LETSSeq2SeqTrainer, LETSTrainer, RhoBatches, available_rules,
+    LETSArguments, LETSConfig, LETSMixin, LETSSeq2SeqConfig, LETSSeq2SeqTrainer, LETSTrainer, RhoBatches,
+    available_rules,
 )
 from lets_hf.errors import UsageError
 from tests.checks import assert_resume_is_exact
-from tests.heads import build_model, train_rows, validation_rows
+from tests.heads import GLOBAL_BATCH, RHO_LR, STEPS, build_dataset, build_model, train_rows, validation_rows
 from tests.toy import TinyClassifier, ToyDataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,26 +120,26 @@ def test_the_mixin_on_a_users_own_trainer_runs_its_compute_loss(make_args):
 
 def test_a_subclass_draws_rho_batches_from_its_own_get_rho_batches(make_args):
     """`get_rho_batches` is to ρ's validation data what `get_train_dataloader` is to training's: a subclass that
-    draws them from other data trains exactly as a trainer given that data as `rho_dataset`."""
-    args = dict(sam_variant="sam", rho=0.1, learn_rho=True, rho_lr=0.01, optim="adamw_torch", learning_rate=0.01,
-                max_steps=3)
-    held_out = ToyDataset(16, seed=1, dtype=torch.float64)
+    draws them from other data trains exactly as a trainer given that data as `rho_dataset` (a BERT head)."""
+    head = "bert-classification"
+    held_out, other_data = validation_rows(head), build_dataset(head, GLOBAL_BATCH, seed=3)
 
     class OwnRhoBatches(LETSTrainer):
         def get_rho_batches(self):
-            return RhoBatches(held_out, self.data_collator, batch_size=8, world_size=1, rank=0, seed=self.args.rho_seed)
+            return RhoBatches(held_out, self.data_collator, batch_size=self.args.per_device_train_batch_size,
+                              world_size=self.args.world_size, rank=self.args.process_index, seed=self.args.rho_seed)
 
-    own = OwnRhoBatches(model=TinyClassifier(dtype=torch.float64), args=make_args(**args),
-                        train_dataset=ToyDataset(64, dtype=torch.float64),
-                        rho_dataset=ToyDataset(16, seed=2, dtype=torch.float64))
-    given = LETSTrainer(model=TinyClassifier(dtype=torch.float64), args=make_args(**args),
-                        train_dataset=ToyDataset(64, dtype=torch.float64), rho_dataset=held_out)
-    other = LETSTrainer(model=TinyClassifier(dtype=torch.float64), args=make_args(**args),
-                        train_dataset=ToyDataset(64, dtype=torch.float64),
-                        rho_dataset=ToyDataset(16, seed=2, dtype=torch.float64))
-    for trainer in (own, given, other):
+    def trained(trainer_class, rho_dataset):
+        args = make_args(sam_variant="sam", rho=0.05, learn_rho=True, rho_optimizer="sgd", rho_lr=RHO_LR[head],
+                         per_device_train_batch_size=GLOBAL_BATCH, max_steps=STEPS)
+        trainer = trainer_class(model=build_model(head), args=args, train_dataset=train_rows(head),
+                                rho_dataset=rho_dataset)
         trainer.train()
-    assert own.rho == given.rho != other.rho != 0.1
+        return trainer
+
+    own = trained(OwnRhoBatches, other_data)
+    given, other = trained(LETSTrainer, held_out), trained(LETSTrainer, other_data)
+    assert own.rho == given.rho != other.rho != 0.05
     for p, q in zip(own.model.parameters(), given.model.parameters()):
         assert torch.equal(p, q)
 
