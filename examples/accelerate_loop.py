@@ -43,7 +43,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from lets_hf import LETSArguments, LETSEngine, RhoBatches, checkpoints
 from lets_hf.cli import check_model_folder, flags_given
-from lets_hf.errors import UsageError, user_inputs
+from lets_hf.errors import UsageError, command_line, user_inputs
 from lets_hf.methods import METHODS, PRESET_FIELDS, apply_method
 from lets_hf.nonfinite import NonFiniteTrainingError
 from lets_hf.optim import NO_DECAY_PATTERNS, create_lightsam_optimizer
@@ -102,7 +102,9 @@ class LoopArguments:
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Evaluation batch per process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     seed: int = field(default=42, metadata={"help": "Seed of the model head's initialization, data order and dropout."})
-    logging_steps: int = field(default=10, metadata={"help": "Log loss, lr, ρ and the gap every N steps."})
+    logging_steps: int = field(
+        default=10, metadata={"help": "Log loss, lr, ρ and the gap every N steps, and at the last step."}
+    )
     checkpointing_steps: str | None = field(
         default=None, metadata={"help": "Save a checkpoint every N optimizer steps, or 'epoch' after each epoch."}
     )
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 scheduler.step()
             progress.update(1)
             step = engine.global_step
-            if step % config.logging_steps == 0:
+            if step % config.logging_steps == 0 or step == max_steps:  # the curves end where training ends
                 mean_loss = accelerator.reduce(loss_since_log, "mean").item() * config.gradient_accumulation_steps
                 log({"step": step, "epoch": round(epoch + trained / len(train_loader), 4),
                      "loss": mean_loss / micro_batches_since_log, "learning_rate": scheduler.get_last_lr()[0],
@@ -403,7 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         output_dir = Path(config.output_dir)
         (output_dir / "eval_results.json").write_text(json.dumps(results, indent=2))
         (output_dir / "log_history.json").write_text(json.dumps(log_history, indent=1))
-        curve = plot_rho_curve(log_history, output_dir / "rho_curve.png")
+        curve = plot_rho_curve(log_history, output_dir / "rho_curve.png", config, task=f"GLUE {task.dir_name}")
         print(format_entry(results))
         print(f"Results: {output_dir.resolve() / 'eval_results.json'}" + (f"; ρ curve: {curve}" if curve else ""))
     accelerator.wait_for_everyone()
@@ -413,7 +415,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     try:
-        main()
+        with command_line():  # errors name flags (`--rho`), as typed here
+            main()
     except (UsageError, NonFiniteTrainingError) as error:  # the user's to fix: one line, not a traceback
         print(f"{Path(__file__).name}: error: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, UsageError) else 1)

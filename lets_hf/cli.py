@@ -1,20 +1,22 @@
 """`lets-hf <task> [flags]`: one entry point; each task adapter brings its own `main(argv)`.
 
-User mistakes (`lets_hf.errors.UsageError`) print one message and exit 2; a run stopped by
-non-finite losses exits 1 with its message. `--debug` (or `LETS_HF_DEBUG=1`) keeps tracebacks.
+User mistakes (`lets_hf.errors.UsageError`) print one message, which names settings as flags,
+and exit 2; a run stopped by non-finite losses exits 1 with its message. `--debug` (or
+`LETS_HF_DEBUG=1`) keeps tracebacks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import sys
 from pathlib import Path
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
-from .config import LETSConfig
-from .errors import UsageError, user_inputs
+from .config import FIELD_GROUPS, LETSConfig
+from .errors import UsageError, command_line, user_inputs
 from .methods import PRESET_FIELDS, apply_method
 from .nonfinite import NonFiniteTrainingError
 
@@ -23,6 +25,10 @@ TASKS = {
     "iwslt14": ("lets_hf.tasks.iwslt14.main", "Train a translation model on IWSLT'14 De-En and report BLEU."),
 }
 DEBUG_FLAG = "--debug"
+#: TrainingArguments' defaults that every task changes (a task's own `defaults` win): Trainer would save a
+#: checkpoint (optimizer state included) at the end of every run; a command saves one only when asked.
+DEFAULTS = {"save_strategy": "no"}
+TRAINER_GROUP = "Trainer (transformers.TrainingArguments)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     task = argv[0]
     try:
-        importlib.import_module(TASKS[task][0]).main(argv[1:])
+        with command_line():
+            importlib.import_module(TASKS[task][0]).main(argv[1:])
     except (UsageError, NonFiniteTrainingError) as error:
         if debug:
             raise
@@ -48,7 +55,8 @@ def parse_command_line(task_fields, argv: list[str] | None, defaults: dict | Non
     """(task arguments, LETSConfig) from `argv`. `--method` presets `sam_variant` and `learn_rho`; an explicit
     `--sam_variant` or `--learn_rho` wins over it. Checks what needs no model: the output folder."""
     parser = HfArgumentParser((task_fields, LETSConfig))
-    parser.set_defaults(**(defaults or {}))
+    parser.set_defaults(**{**DEFAULTS, **(defaults or {})})
+    _list_lets_flags_first(parser)
     with user_inputs():
         task_args, config = parser.parse_args_into_dataclasses(args=argv)
         if task_args.method is not None:
@@ -56,6 +64,22 @@ def parse_command_line(task_fields, argv: list[str] | None, defaults: dict | Non
     if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
         raise UsageError(f"--output_dir {config.output_dir} is a file: give a folder (new or existing).")
     return task_args, config
+
+
+def _list_lets_flags_first(parser: HfArgumentParser) -> None:
+    """`--help` lists the task's flags, then LETS's in the sections of `LETSArguments`' docstring, and then the
+    200-odd TrainingArguments flags under one heading; the usage line names the required flags only (all of them
+    would fill a screen). Argparse has no public way to move a flag between groups."""
+    titles = {name: title for title, names in FIELD_GROUPS.items() for name in names}
+    titles.update((field.name, TRAINER_GROUP) for field in dataclasses.fields(TrainingArguments))
+    groups = {title: parser.add_argument_group(title) for title in (*FIELD_GROUPS, TRAINER_GROUP)}
+    options = parser._optionals
+    for action in list(options._group_actions):
+        if action.dest in titles:
+            options._group_actions.remove(action)
+            groups[titles[action.dest]]._group_actions.append(action)
+    required = [f"{action.option_strings[0]} {action.dest.upper()}" for action in parser._actions if action.required]
+    parser.usage = " ".join(["%(prog)s", *required, "[--flag value ...]"])
 
 
 def flags_given(argv: list[str], names) -> set[str]:

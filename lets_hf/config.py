@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
+from transformers.utils import is_torch_bf16_available_on_device, is_torch_bf16_gpu_available, is_torch_xla_available
+from transformers.utils import logging
 
-from .errors import UsageError
+from .errors import UsageError, setting, unset
 from .rules import available_rules
 from .rules.bisam import BISAM_SURROGATES
 
@@ -27,6 +29,8 @@ RHO_HESSIANS = ("diagonal", "exact", "identity")
 RHO_ESTIMATORS = ("one-step", "trace", "antithetic")
 RHO_OBJECTIVES = ("squared-gap", "val-loss")
 RHO_UPDATE_SPACES = ("linear", "log")
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -244,26 +248,49 @@ class LETSArguments:
         self._check_after_training_arguments()
 
     def _check_before_training_arguments(self) -> None:
+        self._run_bf16_on_cpu()
         if self.sam_variant != "none" and getattr(self, "deepspeed", None):
             raise UsageError(
                 "LETSTrainer does not support DeepSpeed yet (its engine owns the backward and the gradient buffers "
-                "that the perturbation needs). Remove --deepspeed and launch with DDP: accelerate launch --multi_gpu."
+                f"that the perturbation needs): {unset('deepspeed', None)} and launch with DDP "
+                "(accelerate launch --multi_gpu)."
             )
         _check_choice("bisam_surrogate", self.bisam_surrogate, BISAM_SURROGATES)
         if self.bisam_mu <= 0 or self.bisam_alpha <= 0:
-            raise UsageError(f"bisam_mu and bisam_alpha must be > 0, got {self.bisam_mu} and {self.bisam_alpha}.")
+            raise UsageError(
+                f"{setting('bisam_mu')} and {setting('bisam_alpha')} must be > 0, got {self.bisam_mu} and "
+                f"{self.bisam_alpha}."
+            )
         if self.bsam_rho_min < 0:
-            raise UsageError(f"bsam_rho_min must be >= 0, got {self.bsam_rho_min}.")
+            raise UsageError(f"{setting('bsam_rho_min')} must be >= 0, got {self.bsam_rho_min}.")
         if self.sam_variant == "bsam" and self.sam_scope == "local":
             raise UsageError(
-                "sam_variant='bsam' needs sam_scope='global': its min-side pass reuses the cached global batch, "
-                "which the local scope does not keep. Use sam_scope='global' (or another rule for m-sharpness)."
+                f"{setting('sam_variant', 'bsam')} needs {setting('sam_scope', 'global')}: its min-side pass reuses "
+                "the cached global batch, which the local scope does not keep. Use "
+                f"{setting('sam_scope', 'global')} (or another rule for m-sharpness)."
             )
+
+    def _run_bf16_on_cpu(self) -> None:
+        """Without an accelerator, TrainingArguments refuses bf16 unless `use_cpu` is set, though the CPU is the only
+        device there is: set it where the CPU computes in bfloat16, and say what to change where it does not."""
+        # None: the other base decides later, and TRL's configs decide bf16=True where fp16 is off.
+        requested = [name for name in ("bf16", "bf16_full_eval") if getattr(self, name, False) in (True, None)]
+        if not requested or self.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available():
+            return
+        if _has_accelerator(use_cpu=False):
+            return  # a GPU without bf16: TrainingArguments says so
+        if not is_torch_bf16_available_on_device("cpu"):
+            raise UsageError(
+                f"{setting(requested[0], True)} needs a GPU or a CPU that computes in bfloat16, and this machine has "
+                f"neither: {' and '.join(unset(name) for name in requested)}."
+            )
+        logger.info("bf16 without a GPU: this run uses the CPU (use_cpu=True), which computes in bfloat16.")
+        self.use_cpu = True
 
     def _check_after_training_arguments(self) -> None:
         variants = ["none", *available_rules()]
         if self.sam_variant not in variants:
-            raise UsageError(f"Unknown sam_variant {self.sam_variant!r}: choose one of {variants}.")
+            raise UsageError(f"Unknown {setting('sam_variant')} {self.sam_variant!r}: choose one of {variants}.")
         _check_choice("sam_scope", self.sam_scope, SCOPES)
         _check_choice("rho_optimizer", self.rho_optimizer, RHO_OPTIMIZERS)
         _check_choice("rho_hessian", self.rho_hessian, RHO_HESSIANS)
@@ -272,60 +299,89 @@ class LETSArguments:
         _check_choice("rho_update_space", self.rho_update_space, RHO_UPDATE_SPACES)
         if not 0 <= self.rho_trace_decay < 1:
             raise UsageError(
-                f"rho_trace_decay must be in [0, 1), got {self.rho_trace_decay} (1 would never forget a step, and "
-                "the trace would grow without bound)."
+                f"{setting('rho_trace_decay')} must be in [0, 1), got {self.rho_trace_decay} (1 would never forget a "
+                "step, and the trace would grow without bound)."
             )
         if self.rho_estimator == "antithetic" and self.rho_update_space != "log":
             raise UsageError(
-                "rho_estimator='antithetic' estimates the derivative with respect to log ρ: set rho_update_space='log'."
+                f"{setting('rho_estimator', 'antithetic')} estimates the derivative with respect to log ρ: use "
+                f"{setting('rho_update_space', 'log')}."
             )
         if self.rho_antithetic_delta <= 0 or self.rho_antithetic_batches < 1:
             raise UsageError(
-                f"rho_antithetic_delta must be > 0 and rho_antithetic_batches >= 1, got {self.rho_antithetic_delta} "
-                f"and {self.rho_antithetic_batches}."
+                f"{setting('rho_antithetic_delta')} must be > 0 and {setting('rho_antithetic_batches')} >= 1, got "
+                f"{self.rho_antithetic_delta} and {self.rho_antithetic_batches}."
             )
         if self.rho_diagnostics_window < 2:
-            raise UsageError(f"rho_diagnostics_window must be >= 2 (a std needs two updates), got {self.rho_diagnostics_window}.")
+            raise UsageError(
+                f"{setting('rho_diagnostics_window')} must be >= 2 (a std needs two updates), got "
+                f"{self.rho_diagnostics_window}."
+            )
         for name in ("rho", "rho_lr", "rho_min", "rho_max"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
-                raise UsageError(f"{name} must be a finite number, got {value}.")
+                raise UsageError(f"{setting(name)} must be a finite number, got {value}.")
         if self.rho is not None and self.rho <= 0:
             raise UsageError(
-                f"rho must be > 0, got {self.rho}; for training without perturbation use sam_variant='none'."
+                f"{setting('rho')} must be > 0, got {self.rho}; for training without perturbation use "
+                f"{setting('sam_variant', 'none')}."
             )
         if self.learn_rho and self.sam_variant == "none":
-            raise UsageError("learn_rho=True needs a perturbation: set sam_variant to 'sam', 'asam', ... (not 'none').")
+            raise UsageError(
+                f"{setting('learn_rho', True)} needs a perturbation, which {setting('sam_variant', 'none')} turns "
+                f"off: use a rule such as {setting('sam_variant', 'sam')}."
+            )
         if self.learn_rho and self.rho_hessian == "exact" and self.sam_scope == "local":
-            raise UsageError("rho_hessian='exact' needs sam_scope='global'; use 'diagonal' or 'identity' with 'local'.")
+            raise UsageError(
+                f"{setting('rho_hessian', 'exact')} needs {setting('sam_scope', 'global')}; use "
+                f"{setting('rho_hessian', 'diagonal')} or {setting('rho_hessian', 'identity')} with "
+                f"{setting('sam_scope', 'local')}."
+            )
         if not 0 <= self.rho_min < self.rho_max:
-            raise UsageError(f"Need 0 <= rho_min < rho_max, got rho_min={self.rho_min}, rho_max={self.rho_max}.")
+            raise UsageError(
+                f"Need 0 <= rho_min < rho_max, got {setting('rho_min', self.rho_min)}, "
+                f"{setting('rho_max', self.rho_max)}."
+            )
         if self.learn_rho and self.rho is not None:
             check_rho_within_bounds(self.rho, self.rho_min, self.rho_max)
         if self.rho_lr is not None and self.rho_lr <= 0:
-            raise UsageError(f"rho_lr must be > 0, got {self.rho_lr}.")
+            raise UsageError(f"{setting('rho_lr')} must be > 0, got {self.rho_lr}.")
         if self.rho_update_interval < 1:
-            raise UsageError(f"rho_update_interval must be >= 1, got {self.rho_update_interval}.")
+            raise UsageError(f"{setting('rho_update_interval')} must be >= 1, got {self.rho_update_interval}.")
         if self.rho_batch_size is not None and self.rho_batch_size < 1:
-            raise UsageError(f"rho_batch_size must be >= 1, got {self.rho_batch_size}.")
+            raise UsageError(f"{setting('rho_batch_size')} must be >= 1, got {self.rho_batch_size}.")
         if not 0 < self.rho_val_fraction < 1:
-            raise UsageError(f"rho_val_fraction must be in (0, 1), got {self.rho_val_fraction}.")
+            raise UsageError(f"{setting('rho_val_fraction')} must be in (0, 1), got {self.rho_val_fraction}.")
         if self.nonfinite_patience < 0:
-            raise UsageError(f"nonfinite_patience must be >= 0 (0: never stop), got {self.nonfinite_patience}.")
+            raise UsageError(
+                f"{setting('nonfinite_patience')} must be >= 0 (0: never stop), got {self.nonfinite_patience}."
+            )
         fsdp_version = (getattr(self, "fsdp_plugin_args", None) or {}).get("fsdp_version")
         if self.sam_variant != "none" and fsdp_version == 1:
             raise UsageError(
                 "LETSTrainer does not support FSDP1 (its flat parameters hide the per-parameter gradients the "
-                "perturbation needs). Use FSDP2: fsdp_config={'version': 2} (the default), or --fsdp_config with "
-                '{"version": 2}.'
+                f"perturbation needs). Use FSDP2: {setting('fsdp_config', {'version': 2})} (the default)."
             )
         if self.sam_variant != "none" and fsdp_version == 2:
             check_fsdp2_settings(self)
         if getattr(self, "fp16", False) and not _has_accelerator(self.use_cpu):
             raise UsageError(
-                "fp16 needs a GPU (its loss scaling runs on CUDA), and this run is on the CPU, where it would "
-                "change nothing. Remove --fp16, or use --bf16 where the CPU supports it."
+                f"{setting('fp16')} needs a GPU (its loss scaling runs on CUDA), and this run is on the CPU, where it "
+                f"would change nothing: {unset('fp16')}, or use {setting('bf16', True)} where the CPU supports it."
             )
+
+
+#: `LETSArguments`' fields in the sections of its docstring, as `lets-hf <task> --help` lists them.
+FIELD_GROUPS: dict[str, tuple[str, ...]] = {
+    "Perturbation": ("sam_variant", "rho", "sam_scope", "asam_eta"),
+    "Learned radius (LETS)": (
+        "learn_rho", "rho_estimator", "rho_trace_decay", "rho_antithetic_delta", "rho_antithetic_batches",
+        "rho_objective", "rho_update_space", "rho_lr", "rho_optimizer", "rho_min", "rho_max", "rho_hessian",
+        "rho_update_interval", "rho_batch_size", "rho_val_fraction", "rho_seed", "rho_diagnostics_window",
+    ),
+    "LightSAM / BiSAM / BSAM": ("bisam_surrogate", "bisam_mu", "bisam_alpha", "bsam_rho_min"),
+    "Safety": ("nonfinite_patience",),
+}
 
 
 @dataclass
@@ -342,8 +398,9 @@ def check_rho_within_bounds(rho: float, rho_min: float, rho_max: float) -> None:
     """A learned ρ starts inside its projection bounds (otherwise the first update jumps to a bound)."""
     if not rho_min <= rho <= rho_max:
         raise UsageError(
-            f"With learn_rho the initial rho ({rho}) must lie in [rho_min, rho_max] = [{rho_min}, {rho_max}]. "
-            "Change rho, or widen the bounds."
+            f"With {setting('learn_rho')} the initial {setting('rho')} ({rho}) must lie in "
+            f"[{setting('rho_min')}, {setting('rho_max')}] = [{rho_min}, {rho_max}]. Change {setting('rho')}, or "
+            "widen the bounds."
         )
 
 
@@ -351,13 +408,15 @@ def check_fsdp2_settings(args) -> None:
     """What LETS supports under FSDP2: the global scope, and the diagonal or identity Hessian for learned ρ."""
     if args.sam_scope == "local":
         raise UsageError(
-            "sam_scope='local' is not supported under FSDP2: each micro-batch would need its own full, unsharded "
-            "gradient on every rank, which is the memory FSDP2 saves. Use sam_scope='global', or DDP for m-sharpness."
+            f"{setting('sam_scope', 'local')} is not supported under FSDP2: each micro-batch would need its own full, "
+            "unsharded gradient on every rank, which is the memory FSDP2 saves. Use "
+            f"{setting('sam_scope', 'global')}, or DDP for m-sharpness."
         )
     if args.learn_rho and args.rho_hessian == "exact":
         raise UsageError(
-            "rho_hessian='exact' is not supported under FSDP2 (its double backward cannot reach parameters that "
-            "FSDP2 all-gathers outside autograd). Use rho_hessian='diagonal' (the paper's) or 'identity', or DDP."
+            f"{setting('rho_hessian', 'exact')} is not supported under FSDP2 (its double backward cannot reach "
+            f"parameters that FSDP2 all-gathers outside autograd). Use {setting('rho_hessian', 'diagonal')} (the "
+            f"paper's) or {setting('rho_hessian', 'identity')}, or DDP."
         )
 
 
@@ -370,4 +429,4 @@ def _has_accelerator(use_cpu: bool) -> bool:
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise UsageError(f"Unknown {name} {value!r}: choose one of {list(choices)}.")
+        raise UsageError(f"Unknown {setting(name)} {value!r}: choose one of {list(choices)}.")

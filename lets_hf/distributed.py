@@ -15,7 +15,7 @@ from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor, Shard
 
 from .config import check_fsdp2_settings
-from .errors import UsageError
+from .errors import UsageError, setting
 
 
 def check_distributed_type(accelerator, args) -> bool:
@@ -27,8 +27,8 @@ def check_distributed_type(accelerator, args) -> bool:
         name = "FSDP1" if distributed_type == DistributedType.FSDP else "DeepSpeed"
         raise UsageError(
             f"LETS does not support {name}: its engine owns the gradient buffers the perturbation needs. Launch "
-            "with FSDP2 (accelerate launch --config_file examples/accelerate_fsdp2.yaml, or fsdp_config="
-            "{'version': 2}) or with DDP (accelerate launch --multi_gpu)."
+            "with FSDP2 (accelerate launch --config_file examples/accelerate_fsdp2.yaml, or "
+            f"{setting('fsdp_config', {'version': 2})}) or with DDP (accelerate launch --multi_gpu)."
         )
     if distributed_type != DistributedType.FSDP:
         return False

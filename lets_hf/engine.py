@@ -38,7 +38,7 @@ from .hypergradient import Hypergradient
 from .nonfinite import NonFiniteGuard
 from .passes import LoopPasses, SingleProcess, synced_on_last
 from .radius import Radius, check_optimizer_supported
-from .rules import get_rule
+from .rules import get_rule, initial_rho
 from .tensor_lists import copy_, global_norm, trainable, trainable_with_grad
 
 
@@ -83,13 +83,13 @@ class LETSEngine:
                 "plain loss_fn cannot give. Use LETSTrainer, or another rule (sam, asam, ...)."
             )
         self.sharded = check_distributed_type(self.accelerator, args)
-        initial_rho = args.rho if args.rho is not None else self.rule.default_rho
+        rho0 = initial_rho(args)
         if args.learn_rho:
-            check_rho_within_bounds(initial_rho, args.rho_min, args.rho_max)
+            check_rho_within_bounds(rho0, args.rho_min, args.rho_max)
             if rho_batches is None:
                 raise UsageError("learn_rho=True needs validation data: pass rho_batches (held out from training).")
             rho_batches = rho_batches() if callable(rho_batches) else rho_batches
-        self.radius = Radius(args, initial_rho, self.accelerator.device)
+        self.radius = Radius(args, rho0, self.accelerator.device)
         self.hypergradient = Hypergradient(self, rho_batches)
         self.average_grads = GradientAverager()
         self._backup: dict[int, torch.Tensor] = {}  # θ before the perturbation, per parameter

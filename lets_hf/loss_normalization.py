@@ -217,8 +217,8 @@ class LossNormalizationHooks:
             corrected |= verdict.shift_labels != getattr(self, "_loss_shifts_labels", False)
             self._loss_shifts_labels = verdict.shift_labels  # how Trainer counts num_items_in_batch
         self.loss_normalization = verdict
-        message = verdict.describe(unwrap_peft_model(unwrapped)._get_name(), corrects_trainer=corrected)
-        (logger.warning if corrected else logger.info)(message)
+        if self.args.should_log:  # main process; a warning, as the default log level hides info and this scales the loss
+            logger.warning(verdict.describe(unwrap_peft_model(unwrapped)._get_name(), corrects_trainer=corrected))
 
     def _get_num_items_in_batch(self, batch_samples, device):
         """Where Trainer counts `num_items_in_batch` (training and evaluation): settle the normalization first."""

@@ -24,7 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .checkpoints import CheckpointHooks
 from .config import LETSArguments
 from .engine import LETSEngine
-from .errors import UsageError
+from .errors import UsageError, setting
 from .loss_normalization import LossNormalizationHooks, logits_of
 from .optim import lightsam_optimizer_cls_and_kwargs
 from .validation import RhoBatches, antithetic_held_out, split_for_rho, validation_batch_size
@@ -126,8 +126,9 @@ class LETSMixin(CheckpointHooks, LossNormalizationHooks):
         kwargs = dict(self.args.gradient_checkpointing_kwargs or {})
         if kwargs.get("use_reentrant"):
             raise UsageError(
-                "learn_rho with gradient checkpointing needs non-reentrant checkpointing (its validation gradient is "
-                "taken with torch.autograd.grad). Set gradient_checkpointing_kwargs={'use_reentrant': False}."
+                f"{setting('learn_rho')} with gradient checkpointing needs non-reentrant checkpointing (its validation "
+                "gradient is taken with torch.autograd.grad). Use "
+                f"{setting('gradient_checkpointing_kwargs', {'use_reentrant': False})}."
             )
         kwargs["use_reentrant"] = False
         self.args.gradient_checkpointing_kwargs = kwargs

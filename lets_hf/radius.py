@@ -27,7 +27,7 @@ import math
 import torch
 
 from .diagnostics import HypergradientMonitor
-from .errors import UsageError
+from .errors import UsageError, setting
 from .tensor_lists import copy_, global_norm
 
 ADAM_BETAS = (0.9, 0.999)
@@ -263,8 +263,9 @@ def descent_jacobian_(optimizer, group: dict, params: list[torch.Tensor], tangen
             torch._foreach_mul_(tangents, 1 + group["momentum"])
     else:
         raise UsageError(
-            f"learn_rho does not know the Jacobian of {type(optimizer).__name__}. Use SGD, Adam or AdamW "
-            "(e.g. --optim adamw_torch), or give the optimizer a `descent_jacobian_(group, params, tangents)` method."
+            f"{setting('learn_rho')} does not know the Jacobian of {type(optimizer).__name__}. Use SGD, Adam or AdamW "
+            f"(e.g. {setting('optim', 'adamw_torch')}), or give the optimizer a "
+            "`descent_jacobian_(group, params, tangents)` method."
         )
 
 

@@ -12,7 +12,7 @@ import random
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .errors import UsageError
+from .errors import UsageError, setting
 
 
 def split_for_rho(train_dataset, fraction: float, seed: int, count: int | None = None):
@@ -24,8 +24,8 @@ def split_for_rho(train_dataset, fraction: float, seed: int, count: int | None =
         raise UsageError(
             f"train_dataset has {n} examples: too few to hold out {n_rho} for the ρ validation set and still train. "
             "Pass separate validation data (LETSTrainer's rho_dataset; in a plain loop, your own dataset to "
-            "RhoBatches), or lower rho_val_fraction (rho_antithetic_batches or rho_batch_size with the antithetic "
-            "estimator)."
+            f"RhoBatches), or lower {setting('rho_val_fraction')} ({setting('rho_antithetic_batches')} or "
+            f"{setting('rho_batch_size')} with the antithetic estimator)."
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     rho_indices, train_indices = sorted(order[:n_rho]), sorted(order[n_rho:])
@@ -68,9 +68,9 @@ class RhoBatches:
         if len(dataset) < self.global_batch:
             raise UsageError(
                 f"The ρ validation set has {len(dataset)} examples, fewer than one global validation batch "
-                f"({world_size} processes x rho_batch_size {batch_size}). Lower rho_batch_size or give more "
-                "validation data (LETSTrainer's rho_dataset or a larger rho_val_fraction; in a plain loop, a larger "
-                "dataset to RhoBatches)."
+                f"({world_size} processes x {setting('rho_batch_size', batch_size)}). Lower {setting('rho_batch_size')} "
+                f"or give more validation data (LETSTrainer's rho_dataset or a larger {setting('rho_val_fraction')}; in "
+                "a plain loop, a larger dataset to RhoBatches)."
             )
         self.batches_per_epoch = len(dataset) // self.global_batch
         self.drawn = 0

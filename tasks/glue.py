@@ -298,6 +298,8 @@ def load_model(model_name_or_path: str, task: GlueTask) -> PreTrainedModel:
 class GlueArguments:
     """Task, data and model options of `lets-hf glue`; the optimizer options are `LETSConfig`'s."""
 
+    _argument_group_name = "GLUE task, data and model"  # the heading of these flags in --help
+
     task: str = field(metadata={"help": f"GLUE task: {', '.join(TASKS)}."})
     model_name_or_path: str = field(
         metadata={
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
     if trainer.is_world_process_zero():
-        print(report_outputs(trainer, ["eval_results.json"]))
+        print(report_outputs(trainer, ["eval_results.json"], task=f"GLUE {task.dir_name}"))
 
 
 if __name__ == "__main__":

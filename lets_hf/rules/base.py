@@ -40,6 +40,12 @@ def get_rule(name: str, args) -> "PerturbationRule":
     return _REGISTRY[name].from_args(args)
 
 
+def initial_rho(args) -> float:
+    """ρ₀ of a run: `args.rho`, or its rule's default when unset (for the engine, and for plots made after training,
+    when ρ has moved)."""
+    return args.rho if args.rho is not None else _REGISTRY[args.sam_variant].default_rho
+
+
 class PerturbationRule:
     """Base class: subclasses implement `direction_`.
 

@@ -63,6 +63,8 @@ RECIPE_DEFAULTS = {
 class IwsltArguments:
     """The task's own flags (the rest are LETSConfig's)."""
 
+    _argument_group_name = "IWSLT'14 task, data and model"  # the heading of these flags in --help
+
     data_dir: str = field(
         metadata={"help": "Tokenized {train,valid[,test]}.{de,en} or the raw IWSLT'14 de-en release (folder or .tgz)."}
     )
@@ -173,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     if "test" in batches:
         evaluate_split(trainer, tokenizer, collator, batches["test"], splits["test"][1], "test")
     if trainer.is_world_process_zero():
-        print(report_outputs(trainer, [f"{split}_results.json" for split in ("eval", "test") if split in batches]))
+        print(report_outputs(trainer, [f"{split}_results.json" for split in ("eval", "test") if split in batches],
+                             task="IWSLT'14 De-En"))
 
 
 if __name__ == "__main__":

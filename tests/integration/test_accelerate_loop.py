@@ -69,6 +69,14 @@ def test_lets_sam_trains_logs_rho_and_the_gap_and_saves_results(tiny_model, tmp_
         assert (out / name).is_file(), name
 
 
+def test_the_last_step_is_logged_so_the_curves_reach_the_end_of_training(tiny_model, tmp_path):
+    """A run shorter than a few logging intervals (12 steps logged every 10) would draw one point per curve."""
+    out = tmp_path / "out"
+    accelerate_loop.main(flags(tiny_model, out, logging_steps=3, max_train_steps=4))
+    train_logs = [entry for entry in json.loads((out / "log_history.json").read_text()) if "loss" in entry]
+    assert [entry["step"] for entry in train_logs] == [3, 4] and all("gen_gap" in entry for entry in train_logs)
+
+
 def test_a_resumed_run_equals_the_uninterrupted_one(tiny_model, tmp_path):
     """36 train rows in micro-batches of 4, 2 per step: 5 steps per epoch (the last of 1 micro-batch). The run stops
     after step 7, in epoch 2; resuming from step 3 (mid-epoch) must restore θ, AdamW, the schedule, ρ and its Adam

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from lets_hf import cli
+from lets_hf import LETSConfig, cli
 from lets_hf.errors import UsageError
 from lets_hf.nonfinite import NonFiniteTrainingError
 from lets_hf.tasks.glue import GlueArguments
@@ -50,13 +50,34 @@ def tiny_iwslt(tmp_path):
     "flags,expected",
     [
         (["--rho", "nan"], "rho must be a finite number, got nan"),
-        (["--method", "adamw", "--learn_rho"], "learn_rho=True needs a perturbation"),
+        (["--method", "adamw", "--learn_rho"], "--learn_rho needs a perturbation"),
         (["--fp16"], "fp16 needs a GPU"),
-        (["--method", "lets-sam", "--rho", "20"], r"initial rho (20.0) must lie in [rho_min, rho_max]"),
+        (["--method", "lets-sam", "--rho", "20"], "initial --rho (20.0) must lie in [--rho_min, --rho_max] = [0.0, 10.0]"),
     ],
 )
 def test_bad_flags(tiny_model, tmp_path, capsys, flags, expected):
     assert expected in refused(capsys, glue(tiny_model, tmp_path, *flags))
+
+
+@pytest.mark.parametrize(
+    "flags,settings,on_the_command_line,in_python",
+    [
+        (["--rho", "-0.05"], dict(rho=-0.05), "use --method adamw.", "use sam_variant='none'."),
+        (["--method", "adamw", "--learn_rho"], dict(sam_variant="none", learn_rho=True),
+         "--learn_rho needs a perturbation, which --method adamw turns off: use a rule such as --sam_variant sam.",
+         "learn_rho=True needs a perturbation, which sam_variant='none' turns off: use a rule such as sam_variant='sam'."),
+        (["--fp16"], dict(fp16=True), ": remove --fp16, or use --bf16 where", ": set fp16=False, or use bf16=True where"),
+    ],
+)
+def test_a_mistake_is_named_as_the_user_spelled_it(tiny_model, tmp_path, capsys, flags, settings, on_the_command_line,
+                                                   in_python):
+    """The same mistake names flags on the command line and Python settings in Python, never the other's."""
+    typed = refused(capsys, glue(tiny_model, tmp_path, *flags))
+    assert on_the_command_line in typed and "=" not in typed, typed
+    with pytest.raises(UsageError) as raised:
+        LETSConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, **settings)
+    written = str(raised.value)
+    assert in_python in written and "--" not in written, written
 
 
 def test_explicit_flags_override_the_method_preset(tiny_model, tmp_path):

@@ -42,7 +42,7 @@ def test_logged_statistics_are_those_of_the_last_updates(tmp_path, one_thread):
         assert entry["rho_grad_sign_agreement"] == pytest.approx(np.mean(np.sign(grads) == np.sign(grads.mean())))
         assert entry["rho_grad"] == pytest.approx(entry["gen_gap"] * entry["rho_inner"], rel=1e-9)  # squared gap
 
-    path = plot_rho_curve(trainer.state.log_history, tmp_path / "rho_curve.png")
+    path = plot_rho_curve(trainer.state.log_history, tmp_path / "rho_curve.png", trainer.args, task="tiny BERT")
     assert path.stat().st_size > 10_000
 
 

@@ -9,10 +9,15 @@ import pytest
 import torch
 from transformers import Trainer
 
-from lets_hf import LETSTrainer, available_rules
+from lets_hf import LETSConfig, LETSTrainer, available_rules
+from lets_hf.errors import UsageError
+from tests.heads import build_model, train_rows, validation_rows
 from tests.toy import TinyClassifier, ToyDataset
 
 F64 = torch.float64
+#: Where bf16 goes to a GPU, `use_cpu` stays as given.
+NO_ACCELERATOR = pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(),
+                                    reason="bf16 runs on the accelerator here")
 
 
 def _loss_and_grads(model, data):
@@ -217,3 +222,28 @@ def test_bf16_trains_on_cpu(make_args, variant):
     assert runs[True].rho != runs[True].radius.value.new_tensor(runs[True].rule.default_rho).item()  # ρ moved
     for p, q in zip(runs[True].model.parameters(), runs[False].model.parameters()):
         torch.testing.assert_close(p, q, rtol=0.05, atol=0.02)
+
+
+@NO_ACCELERATOR
+def test_bf16_without_use_cpu_trains_a_real_head_on_the_cpu(tmp_path, one_thread):
+    """TrainingArguments alone asks for use_cpu=True on a machine that has nothing but a CPU."""
+    args = LETSConfig(
+        output_dir=str(tmp_path), bf16=True, sam_variant="sam", learn_rho=True, rho_lr=0.01, per_device_train_batch_size=8,
+        rho_batch_size=8, max_steps=2, report_to="none", save_strategy="no", disable_tqdm=True,
+    )
+    assert args.use_cpu
+    model = build_model("bert-classification").float()
+    logits_dtypes = set()
+    model.classifier.register_forward_hook(lambda module, inputs, output: logits_dtypes.add(output.dtype))
+    trainer = LETSTrainer(model=model, args=args, train_dataset=train_rows("bert-classification"),
+                          rho_dataset=validation_rows("bert-classification"))
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16" and logits_dtypes == {torch.bfloat16}
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"]) and trainer.rho != 0.05  # ρ was updated
+
+
+@NO_ACCELERATOR
+def test_bf16_on_a_cpu_without_bfloat16_says_what_to_change(tmp_path, monkeypatch):
+    monkeypatch.setattr("lets_hf.config.is_torch_bf16_available_on_device", lambda device: False)
+    with pytest.raises(UsageError, match=r"^bf16=True needs a GPU or a CPU that computes in bfloat16.*: set bf16=False\.$"):
+        LETSConfig(output_dir=str(tmp_path), bf16=True, report_to="none")
