@@ -15,8 +15,9 @@ Several GPUs with DDP (on CPU: `torchrun --nproc_per_node 2 examples/accelerate_
     accelerate launch --config_file examples/accelerate_multi_gpu.yaml examples/accelerate_loop.py --task mnli \
         --model_name_or_path bert-base-uncased --method lets-sam --output_dir out/loop-mnli --checkpointing_steps 1000
 
-The same command with `--resume_from_checkpoint latest` continues from the newest `checkpoint-<step>` as if the
-run had never stopped: the same θ, ρ, data order and dropout masks.
+The same command with `--resume_from_checkpoint latest` continues from the newest complete `checkpoint-<step>` as if
+the run had never stopped: the same θ, ρ, data order and dropout masks. With `--resume_from_checkpoint auto` one
+command serves the first start (no checkpoint yet: a new run) and every restart.
 
 Writes to --output_dir: the model and tokenizer, `eval_results.json` (dev metrics and the final ρ),
 `log_history.json`, `rho_curve.png` (with a perturbation) and the `checkpoint-<step>/` folders.
@@ -39,7 +40,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DataCollatorWithPadding, HfArgumentParser, SchedulerType, get_scheduler
 from transformers.trainer_pt_utils import get_parameter_names
-from transformers.trainer_utils import get_last_checkpoint
 
 from lets_hf import LETSArguments, LETSEngine, RhoBatches, checkpoints
 from lets_hf.cli import check_model_folder, flags_given
@@ -109,7 +109,9 @@ class LoopArguments:
         default=None, metadata={"help": "Save a checkpoint every N optimizer steps, or 'epoch' after each epoch."}
     )
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "A checkpoint-<step> folder to continue from, or 'latest' (in output_dir)."}
+        default=None,
+        metadata={"help": "A checkpoint-<step> folder to continue from; a run folder (its newest complete checkpoint); "
+                  "'latest' or 'True' (output_dir's newest); 'auto' (output_dir's newest, or a new run if none)."},
     )
     report_to: str = field(
         default="none", metadata={"help": "Accelerate trackers: 'none', 'all', or a name (tensorboard, wandb, ...)."}
@@ -151,15 +153,11 @@ def parse_args(argv: list[str] | None) -> LoopConfig:
     return config
 
 
-def checkpoint_to_resume(config: LoopConfig) -> str | None:
-    path = config.resume_from_checkpoint
-    if path == "latest":
-        path = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
-        if path is None:
-            raise UsageError(f"--resume_from_checkpoint latest: {config.output_dir} holds no checkpoint-<step> folder.")
-    elif path is not None and not os.path.isdir(path):
-        raise UsageError(f"--resume_from_checkpoint {path}: no such folder.")
-    return path
+def checkpoint_to_resume(config: LoopConfig, rank: int) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names, read as `LETSTrainer` reads it
+    (`checkpoints.checkpoint_to_resume`), complete as `load_checkpoint` needs it; `None` for a new run."""
+    problem = functools.partial(checkpoint_problem, rank=rank)
+    return checkpoints.checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir, problem)
 
 
 def load_splits(config: LoopConfig, task, tokenizer, accelerator: Accelerator):
@@ -223,7 +221,14 @@ def evaluate(model, loader, accelerator: Accelerator, task, prefix: str) -> dict
 
 
 def lets_state_path(directory: str, rank: int) -> str:
-    return os.path.join(directory, f"lets_state_rank{rank}.pt")
+    return os.path.join(directory, checkpoints.lets_state_name(rank))
+
+
+def checkpoint_problem(checkpoint: str, rank: int) -> str | None:
+    """Which files of `save_checkpoint`'s, beside accelerate's, `checkpoint` lacks (not written by this script?)."""
+    paths = [os.path.join(checkpoint, LOOP_STATE), lets_state_path(checkpoint, rank)]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    return f"no {', '.join(missing)} (not written by this script?)" if missing else None
 
 
 def save_checkpoint(accelerator: Accelerator, engine: LETSEngine, output_dir: str, loop_state: dict) -> None:
@@ -246,28 +251,25 @@ def save_checkpoint(accelerator: Accelerator, engine: LETSEngine, output_dir: st
 
 
 def load_checkpoint(accelerator: Accelerator, engine: LETSEngine, config: LoopConfig, checkpoint: str) -> dict:
-    """Everything `save_checkpoint` wrote; returns the loop's position and log."""
-    paths = [os.path.join(checkpoint, LOOP_STATE), lets_state_path(checkpoint, accelerator.process_index)]
-    missing = [path for path in paths if not os.path.isfile(path)]
-    if missing:
-        raise UsageError(f"Cannot resume from {checkpoint}: no {', '.join(missing)} (not written by this script?).")
-    loop_state = json.loads(Path(paths[0]).read_text())
+    """Everything `save_checkpoint` wrote (`checkpoint_to_resume` found it complete); returns the loop's position and
+    log."""
+    loop_state = json.loads(Path(checkpoint, LOOP_STATE).read_text())
     saved = {name: loop_state[name] for name in ("num_processes", "sam_variant")}
     current = {"num_processes": accelerator.num_processes, "sam_variant": config.sam_variant}
     if saved != current:
         raise UsageError(f"Cannot resume from {checkpoint}: it was written with {saved}, this run has {current}.")
     accelerator.load_state(checkpoint)
     device = "cpu" if accelerator.device.type == "cpu" else accelerator.device  # not "cpu:0" (CPU DDP)
-    engine.load_state_dict(torch.load(paths[1], map_location=device, weights_only=True))  # it re-shards under FSDP2
+    lets_state = lets_state_path(checkpoint, accelerator.process_index)
+    engine.load_state_dict(torch.load(lets_state, map_location=device, weights_only=True))  # it re-shards under FSDP2
     return loop_state
 
 
-def engine_metrics(engine: LETSEngine, config: LoopConfig, last_metrics: dict) -> dict[str, float]:
+def engine_metrics(engine: LETSEngine, config: LoopConfig) -> dict[str, float]:
     """ρ and the engine's means since the last log (first-pass gradient norm; with a learned ρ the gap, the
-    hypergradient and their running statistics), as `LETSTrainer` logs them. `last_metrics` keeps each metric's
-    last value, so that a window without a ρ update (rho_update_interval > logging_steps) still carries it."""
-    last_metrics.update(engine.pop_metrics())
-    metrics = dict(last_metrics)
+    hypergradient and their running statistics), as `LETSTrainer` logs them: a window without a ρ update
+    (rho_update_interval > logging_steps) repeats the last value."""
+    metrics = engine.pop_metrics(repeat_last=True)
     if engine.rule is not None:
         metrics["rho"] = engine.rho
         if config.learn_rho:
@@ -286,7 +288,6 @@ def format_entry(entry: dict) -> str:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Fine-tune, evaluate on the dev set(s) and save; returns what `eval_results.json` holds."""
     config = parse_args(argv)
-    checkpoint = checkpoint_to_resume(config)
     task = get_task(config.task)
     model_path = resolve_model_path(config.model_name_or_path)
     check_model_folder(model_path)
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # A permutation per epoch from (seed, epoch): the same on every rank, and found again after a resume.
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
     )
+    checkpoint = checkpoint_to_resume(config, accelerator.process_index)
     set_seed(config.seed)
     with user_inputs():
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -352,8 +354,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             progress.write(format_entry(entry))
 
     # Sums of the first-pass losses (each scaled by 1/accumulation, as the engine returns them) and of micro-batches
-    # since the last log. Not checkpointed: after a resume, the first log covers the steps since the checkpoint.
-    loss_since_log, micro_batches_since_log, last_metrics = torch.zeros((), device=accelerator.device), 0, {}
+    # since the last log. Not checkpointed: after a resume, the first log's loss covers the steps since the checkpoint.
+    loss_since_log, micro_batches_since_log = torch.zeros((), device=accelerator.device), 0
     every = int(config.checkpointing_steps) if config.checkpointing_steps not in (None, "epoch") else None
     for epoch in range(position["epoch"], epochs):
         if engine.global_step >= max_steps:
@@ -378,7 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 mean_loss = accelerator.reduce(loss_since_log, "mean").item() * config.gradient_accumulation_steps
                 log({"step": step, "epoch": round(epoch + trained / len(train_loader), 4),
                      "loss": mean_loss / micro_batches_since_log, "learning_rate": scheduler.get_last_lr()[0],
-                     **engine_metrics(engine, config, last_metrics)})
+                     **engine_metrics(engine, config)})
                 loss_since_log, micro_batches_since_log = torch.zeros_like(loss_since_log), 0
             if every and step % every == 0:
                 checkpoint_now(epoch, trained)

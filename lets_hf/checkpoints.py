@@ -3,23 +3,28 @@
 Trainer writes `checkpoint-N/` file by file; a run killed mid-save leaves a folder that
 `resume_from_checkpoint=True` then picks as the newest. LETSTrainer has Trainer write into
 `<output_dir>/.staging/checkpoint-N/` and renames it to `<output_dir>/checkpoint-N/` once every
-process has finished (the same file system, so the rename is atomic). Trainer's search for the
-last checkpoint only matches `checkpoint-<digits>` folders, so it never sees a staged one.
-`CheckpointHooks` are the Trainer methods that do it, and that save the engine's state beside
-the optimizer's (`lets_state.pt`, or one file per rank where the state is rank-local).
+process has finished (the same file system, so the rename is atomic). Only `checkpoint-<digits>`
+folders are searched for the newest, so a staged one is never found. `CheckpointHooks` are the
+Trainer methods that do it, and that save the engine's state beside the optimizer's
+(`lets_state.pt`, or one file per rank where the state is rank-local).
+
+`checkpoint_to_resume` reads `resume_from_checkpoint` as users type it (`True`, `latest`, `auto`,
+a run folder or a checkpoint), for `LETSTrainer.train`, the `lets-hf` commands and plain loops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import shutil
+from typing import Callable
 
 import torch
 from accelerate.utils.constants import FSDP_MODEL_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -27,9 +32,12 @@ from transformers.utils import (
     SAFE_WEIGHTS_NAME,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
+    logging,
 )
 
-from .errors import UsageError
+from .errors import UsageError, setting, unset
+
+logger = logging.get_logger(__name__)
 
 LETS_STATE_NAME = "lets_state.pt"
 STAGING_DIR = ".staging"
@@ -41,6 +49,13 @@ _WEIGHTS = (
 #: Trainer's optimizer state: plain, FSDP full, FSDP sharded (a folder).
 _OPTIMIZER = ("optimizer.pt", "optimizer.bin", "optimizer_0")
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+#: `resume_from_checkpoint` words (any case) for the newest complete checkpoint in output_dir; `True` is Trainer's.
+NEWEST = ("true", "latest")
+#: The newest complete checkpoint in output_dir, or a new run where there is none: one command for the first start
+#: and every restart.
+AUTO = "auto"
+#: What makes a checkpoint folder unusable for resuming, in words, or `None` (`missing_or_unreadable`, bound).
+Problem = Callable[[str], str | None]
 
 
 class IncompleteCheckpointError(UsageError):
@@ -51,9 +66,18 @@ def staging_dir(run_dir: str) -> str:
     return os.path.join(run_dir, STAGING_DIR)
 
 
-def clear_staged(run_dir: str, folder: str) -> None:
-    """Remove what a killed run left staged under this name (main process, before writing)."""
+def clear_staged(run_dir: str, folder: str = "") -> None:
+    """Remove what a killed run left staged under this name (main process, before writing), or by default all that
+    is staged (an interrupted run: a staged checkpoint is never complete)."""
     shutil.rmtree(os.path.join(staging_dir(run_dir), folder), ignore_errors=True)
+
+
+def lets_state_name(rank: int | None = None) -> str:
+    """`lets_state.pt`, or `lets_state_rank<r>.pt` where each rank saves its own state."""
+    if rank is None:
+        return LETS_STATE_NAME
+    stem, suffix = os.path.splitext(LETS_STATE_NAME)
+    return f"{stem}_rank{rank}{suffix}"
 
 
 def publish(run_dir: str, folder: str) -> str:
@@ -75,13 +99,11 @@ def save_state_atomically(state, checkpoint: str) -> None:
 
 
 def missing_or_unreadable(checkpoint: str, lets_state_files: list[str], with_optimizer: bool) -> str | None:
-    """What makes `checkpoint` unusable for resuming, in words, or `None` when it is complete.
+    """What makes the folder `checkpoint` unusable for resuming, in words, or `None` when it is complete.
 
     A missing LETS state file is left to the trainer, which explains it (a checkpoint of plain
     Trainer, another scope or number of processes); one that is present must load.
     """
-    if not os.path.isdir(checkpoint):
-        return f"{checkpoint} is not a folder"
     if not any(os.path.exists(os.path.join(checkpoint, name)) for name in _WEIGHTS):
         return f"it has no model weights (none of {', '.join(_WEIGHTS)})"
     state = os.path.join(checkpoint, TRAINER_STATE_NAME)
@@ -107,34 +129,77 @@ def missing_or_unreadable(checkpoint: str, lets_state_files: list[str], with_opt
     return None
 
 
-def check_resumable(checkpoint: str, lets_state_files: list[str], with_optimizer: bool) -> None:
-    """Raise `IncompleteCheckpointError` naming the problem and the newest complete earlier checkpoint."""
-    problem = missing_or_unreadable(checkpoint, lets_state_files, with_optimizer)
-    if problem is None:
-        return
-    earlier = _earlier_complete(checkpoint, lets_state_files, with_optimizer)
-    advice = f"Resume from {earlier} instead." if earlier else "No earlier complete checkpoint exists: start a new run."
-    raise IncompleteCheckpointError(
-        f"Cannot resume from {checkpoint}: {problem}. The checkpoint is incomplete or damaged (a run stopped "
-        f"while saving it?). {advice}"
+def checkpoint_to_resume(value: str | bool | None, output_dir: str, problem: Problem) -> str | None:
+    """The checkpoint that `resume_from_checkpoint` names as typed, or `None` for a new run.
+
+    `True` or `latest`: the newest complete checkpoint in `output_dir`; `auto`: the same, or a new run where there is
+    none; a run folder (one that holds checkpoints): its newest complete one; any other path: itself, refused by
+    `check_resumable` if incomplete.
+    """
+    if value is None or value is False:
+        return None
+    word = str(value).lower()
+    if word not in (*NEWEST, AUTO) and not is_run_folder(value):
+        check_resumable(value, problem, output_dir)
+        return value
+    run_dir = output_dir if word in (*NEWEST, AUTO) else value
+    checkpoint, damaged = newest_complete(run_dir, problem)
+    if checkpoint is None and word != AUTO:
+        found = "; ".join(damaged) or f"no {PREFIX_CHECKPOINT_DIR}-<step> folder"
+        raise UsageError(
+            f"{setting('resume_from_checkpoint', value)}: {run_dir} holds no complete checkpoint ({found}). To start "
+            f"a new run, {unset('resume_from_checkpoint', None)}; {setting('resume_from_checkpoint', AUTO)} resumes "
+            "from the newest complete checkpoint where there is one and starts a new run where there is none."
+        )
+    if damaged:
+        logger.warning(f"Not resuming from incomplete or damaged checkpoints: {'; '.join(damaged)}.")
+    return checkpoint
+
+
+def is_run_folder(path: str) -> bool:
+    """A folder of checkpoints (an output_dir), not one checkpoint: not named `checkpoint-<N>`, no optimizer state."""
+    return (
+        os.path.isdir(path)
+        and not _CHECKPOINT.match(os.path.basename(os.path.normpath(path)))
+        and not any(os.path.exists(os.path.join(path, name)) for name in _OPTIMIZER)
     )
 
 
-def _earlier_complete(checkpoint: str, lets_state_files: list[str], with_optimizer: bool) -> str | None:
+def newest_complete(run_dir: str, problem: Problem, before: int | None = None) -> tuple[str | None, list[str]]:
+    """The newest `checkpoint-<N>` folder in `run_dir` (with N < `before`, if given) that `problem` finds complete,
+    and what is wrong with each newer one."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    found = [(int(m.group(1)), name) for name in names if (m := _CHECKPOINT.match(name))]
+    damaged = []
+    for step, name in sorted(found, reverse=True):
+        path = os.path.join(run_dir, name)
+        if (before is not None and step >= before) or not os.path.isdir(path):
+            continue
+        why = problem(path)
+        if why is None:
+            return path, damaged
+        damaged.append(f"{path}: {why}")
+    return None, damaged
+
+
+def check_resumable(checkpoint: str, problem: Problem, run_dir: str) -> None:
+    """Raise `IncompleteCheckpointError` naming the problem and a complete checkpoint to resume from instead: the
+    newest earlier one beside a `checkpoint-<N>`, else the newest in `run_dir` (output_dir)."""
+    why = problem(checkpoint) if os.path.isdir(checkpoint) else f"{checkpoint} is not a folder"
+    if why is None:
+        return
     parent, name = os.path.split(os.path.normpath(checkpoint))
     match = _CHECKPOINT.match(name)
-    if match is None or not os.path.isdir(parent):
-        return None
-    earlier = sorted(
-        (int(m.group(1)), entry)
-        for entry in os.listdir(parent)
-        if (m := _CHECKPOINT.match(entry)) and int(m.group(1)) < int(match.group(1))
+    folder, before = (parent or os.curdir, int(match.group(1))) if match else (run_dir, None)
+    instead, _ = newest_complete(folder, problem, before)
+    if instead:
+        advice = f"Resume from {instead} instead."
+    else:
+        advice = f"{folder} holds no {'earlier ' if match else ''}complete checkpoint: start a new run."
+    raise IncompleteCheckpointError(
+        f"Cannot resume from {checkpoint}: {why}. The checkpoint is incomplete or damaged (a run stopped "
+        f"while saving it?). {advice}"
     )
-    for _, entry in reversed(earlier):
-        path = os.path.join(parent, entry)
-        if missing_or_unreadable(path, lets_state_files, with_optimizer) is None:
-            return path
-    return None
 
 
 class CheckpointHooks:
@@ -142,14 +207,14 @@ class CheckpointHooks:
     whole, the engine's state saved beside the optimizer's, and a checkpoint checked before resuming."""
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Trainer's `train`; a checkpoint to resume from is checked for completeness first."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True  # True: Trainer's own error
-        if isinstance(resume_from_checkpoint, str):
-            lets_state = [os.path.basename(self._lets_state_path(resume_from_checkpoint))] if self.rule else []
-            with_optimizer = not self.args.save_only_model
-            check_resumable(resume_from_checkpoint, lets_state, with_optimizer=with_optimizer)
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        """Trainer's `train`; `resume_from_checkpoint` is read by `checkpoint_to_resume` (`True`, `latest`, `auto`,
+        a run folder: the newest complete checkpoint), and a checkpoint is checked for completeness first."""
+        lets_state = [os.path.basename(self._lets_state_path(os.curdir))] if self.rule else []
+        problem = functools.partial(
+            missing_or_unreadable, lets_state_files=lets_state, with_optimizer=not self.args.save_only_model
+        )
+        checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir, problem)
+        return super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
@@ -203,8 +268,6 @@ class CheckpointHooks:
 
     def _lets_state_path(self, directory: str) -> str:
         """`lets_state.pt`, or one `lets_state_rank<r>.pt` per rank when the state is rank-local."""
-        if self.engine.rank_local_state:
-            stem, suffix = os.path.splitext(LETS_STATE_NAME)
-            return os.path.join(directory, f"{stem}_rank{self.args.process_index}{suffix}")
-        return os.path.join(directory, LETS_STATE_NAME)
+        rank = self.args.process_index if self.engine.rank_local_state else None
+        return os.path.join(directory, lets_state_name(rank))
 

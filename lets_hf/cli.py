@@ -1,22 +1,27 @@
 """`lets-hf <task> [flags]`: one entry point; each task adapter brings its own `main(argv)`.
 
 User mistakes (`lets_hf.errors.UsageError`) print one message, which names settings as flags,
-and exit 2; a run stopped by non-finite losses exits 1 with its message. `--debug` (or
-`LETS_HF_DEBUG=1`) keeps tracebacks.
+and exit 2; a run stopped by non-finite losses exits 1 with its message. Ctrl-C removes the
+checkpoint being written, prints the command that resumes from the newest complete one, and exits
+130. `--debug` (or `LETS_HF_DEBUG=1`) keeps tracebacks.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import importlib
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from . import checkpoints
 from .config import FIELD_GROUPS, LETSConfig
-from .errors import UsageError, command_line, user_inputs
+from .errors import UsageError, command_line, setting, user_inputs
 from .methods import PRESET_FIELDS, apply_method
 from .nonfinite import NonFiniteTrainingError
 
@@ -29,6 +34,10 @@ DEBUG_FLAG = "--debug"
 #: checkpoint (optimizer state included) at the end of every run; a command saves one only when asked.
 DEFAULTS = {"save_strategy": "no"}
 TRAINER_GROUP = "Trainer (transformers.TrainingArguments)"
+#: The shell's exit code for a command stopped by Ctrl-C (128 + SIGINT).
+INTERRUPTED_EXIT = 130
+#: The running command's settings once parsed: what Ctrl-C needs to say where the run can resume from.
+_PARSED_CONFIG = contextvars.ContextVar("lets_hf_parsed_config", default=None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n`lets-hf <task> --help` lists every flag, including all TrainingArguments.")
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     task = argv[0]
+    parsed = _PARSED_CONFIG.set(None)
     try:
         with command_line():
             importlib.import_module(TASKS[task][0]).main(argv[1:])
@@ -49,6 +59,29 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"lets-hf {task}: error: {error}", file=sys.stderr)
         sys.exit(2 if isinstance(error, UsageError) else 1)
+    except KeyboardInterrupt:
+        config = _PARSED_CONFIG.get()
+        if config is None or config.should_save:  # the processes that write checkpoints
+            print(f"lets-hf {task}: interrupted. {_where_to_resume(config, argv)}".rstrip(), file=sys.stderr)
+        if debug:
+            raise
+        sys.exit(INTERRUPTED_EXIT)
+    finally:
+        _PARSED_CONFIG.reset(parsed)
+
+
+def _where_to_resume(config: LETSConfig | None, argv: list[str]) -> str:
+    """After Ctrl-C: what is staged is removed (a staged checkpoint is never complete); then the newest complete
+    checkpoint and the command that resumes from it, or how to get checkpoints."""
+    if config is None:  # stopped before its settings were read
+        return ""
+    checkpoints.clear_staged(config.output_dir)
+    newest, _ = checkpoints.newest_complete(config.output_dir, _checkpoint_problem(config))
+    if newest is None:
+        advice = " (add --save_strategy steps --save_steps N to save some)" if config.save_strategy == "no" else ""
+        return f"{config.output_dir} holds no complete checkpoint to resume from{advice}."
+    command = shlex.join(["lets-hf", *with_flag(argv, "resume_from_checkpoint", checkpoints.AUTO)])
+    return f"The newest complete checkpoint is {newest}; to resume from it: {command}"
 
 
 def parse_command_line(task_fields, argv: list[str] | None, defaults: dict | None = None):
@@ -63,7 +96,28 @@ def parse_command_line(task_fields, argv: list[str] | None, defaults: dict | Non
             config = apply_method(config, task_args.method, keep=flags_given(argv or sys.argv[1:], PRESET_FIELDS))
     if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
         raise UsageError(f"--output_dir {config.output_dir} is a file: give a folder (new or existing).")
+    _PARSED_CONFIG.set(config)
     return task_args, config
+
+
+def checkpoint_to_resume(config: LETSConfig) -> str | None:
+    """The checkpoint `--resume_from_checkpoint` names (`True`, `latest`, `auto`, a run folder or a checkpoint:
+    `lets_hf.checkpoints.checkpoint_to_resume`), found and checked before anything loads; `None` for a new run."""
+    checkpoint = checkpoints.checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir,
+                                                  _checkpoint_problem(config))
+    if config.should_save and checkpoint is not None:
+        print(f"Resuming from {checkpoint}.")
+    elif config.should_save and config.resume_from_checkpoint is not None:
+        print(f"{setting('resume_from_checkpoint', config.resume_from_checkpoint)}: {config.output_dir} holds no "
+              "complete checkpoint, so this is a new run.")
+    return checkpoint
+
+
+def _checkpoint_problem(config: LETSConfig) -> checkpoints.Problem:
+    """What makes a checkpoint unusable for this run, before the trainer knows whether its LETS state is per rank."""
+    lets_state = [checkpoints.lets_state_name(), checkpoints.lets_state_name(config.process_index)]
+    return functools.partial(checkpoints.missing_or_unreadable, lets_state_files=lets_state,
+                             with_optimizer=not config.save_only_model)
 
 
 def _list_lets_flags_first(parser: HfArgumentParser) -> None:
@@ -84,13 +138,25 @@ def _list_lets_flags_first(parser: HfArgumentParser) -> None:
 
 def flags_given(argv: list[str], names) -> set[str]:
     """Which of the fields `names` the command line sets explicitly (`--name`, `--name=v`, `--no_name`)."""
-    given = set()
+    return {name for arg in argv for name in names if _sets(arg, name)}
+
+
+def with_flag(argv: list[str], name: str, value: str) -> list[str]:
+    """`argv` with `--name value` (at the end) in place of what it gave the field `name`."""
+    kept, skip_value = [], False
     for arg in argv:
-        flag = arg.split("=", 1)[0]
-        for name in names:
-            if flag in (f"--{name}", f"--no_{name}", f"--{name.replace('_', '-')}"):
-                given.add(name)
-    return given
+        if skip_value:
+            skip_value = False
+        elif _sets(arg, name):
+            skip_value = "=" not in arg
+        else:
+            kept.append(arg)
+    return [*kept, f"--{name}", value]
+
+
+def _sets(arg: str, name: str) -> bool:
+    """Whether `arg` is a flag of the field `name`: `--name`, `--name=v`, `--no_name`, `--name-with-dashes`."""
+    return arg.split("=", 1)[0] in (f"--{name}", f"--no_{name}", f"--{name.replace('_', '-')}")
 
 
 def check_model_folder(name_or_path: str) -> None:

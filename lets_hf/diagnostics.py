@@ -7,7 +7,8 @@ sign is the mean's (1.0: every update agrees; 0.5: coin flips). An SNR well belo
 1/√W says the window's mean is indistinguishable from zero.
 
 The window lives on the device (no host sync until a log reads it) and in the checkpoint.
-`StepMetrics` averages the per-step values (first-pass gradient norm, gap, hypergradient) between logs.
+`StepMetrics` averages the per-step values (first-pass gradient norm, gap, hypergradient) between logs;
+its sums since the last log are in the checkpoint too.
 """
 
 from __future__ import annotations
@@ -19,21 +20,32 @@ FACTORS = ("gen_gap", "rho_inner", "rho_grad")
 
 
 class StepMetrics:
-    """Means of per-step values between two logs, kept on the device: `pop` is the only host sync."""
+    """Means of per-step values between two logs, kept on the device: `pop` is the only host sync. What is not yet
+    logged, and each metric's last mean, go into the checkpoint, so that a resumed run logs what an uninterrupted
+    one logs."""
 
     def __init__(self):
         self._sums: dict[str, torch.Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._last: dict[str, float] = {}
 
     def record(self, name: str, value: torch.Tensor) -> None:
         self._sums[name] = self._sums.get(name, 0) + value.detach().double()
         self._counts[name] = self._counts.get(name, 0) + 1
 
-    def pop(self) -> dict[str, float]:
-        """The means since the last call, then clears them."""
+    def pop(self, repeat_last: bool = False) -> dict[str, float]:
+        """The means since the last call, then clears them. With `repeat_last`, a metric without a new value repeats
+        its last mean (ρ updated every k > logging_steps steps), so that every log carries every curve."""
         means = {name: float(total) / self._counts[name] for name, total in self._sums.items()}
         self._sums, self._counts = {}, {}
-        return means
+        self._last.update(means)
+        return dict(self._last) if repeat_last else means
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self._sums), "counts": dict(self._counts), "last": dict(self._last)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sums, self._counts, self._last = dict(state["sums"]), dict(state["counts"]), dict(state["last"])
 
 
 class HypergradientMonitor:

@@ -325,9 +325,10 @@ class LETSEngine:
         return [u_all[index[id(p)]] for p in params]
 
     # ------------------------------------------------------------------ logging and state
-    def pop_metrics(self) -> dict[str, float]:
-        """The means since the last call (first-pass gradient norm, the gap, the hypergradient), then clears them."""
-        return self.metrics.pop()
+    def pop_metrics(self, repeat_last: bool = False) -> dict[str, float]:
+        """The means since the last call (first-pass gradient norm, the gap, the hypergradient), then clears them;
+        with `repeat_last`, a metric without a new value repeats its last mean (what a log shows)."""
+        return self.metrics.pop(repeat_last)
 
     @property
     def rank_local_state(self) -> bool:
@@ -336,8 +337,9 @@ class LETSEngine:
         return self.sharded or (self.args.sam_scope == "local" and self.accelerator.num_processes > 1)
 
     def state_dict(self) -> dict:
-        """ρ, its optimizer and ∂θ/∂ρ, the rule's statistics and the validation stream's position, as plain
-        tensors (FSDP2 shards as their local pieces) that `torch.save` writes; see `rank_local_state`."""
+        """ρ, its optimizer and ∂θ/∂ρ, the rule's statistics, the validation stream's position and the metrics
+        not yet logged, as plain tensors (FSDP2 shards as their local pieces) that `torch.save` writes; see
+        `rank_local_state`."""
         if self.rule is None:
             return {"global_step": self.global_step}
         batches = self.hypergradient.rho_batches
@@ -346,6 +348,7 @@ class LETSEngine:
             "rule": self.rule.state_dict(),
             "rho_batches": batches.state_dict() if batches is not None else None,
             "global_step": self.global_step,
+            "metrics": self.metrics.state_dict(),
         })
 
     def load_state_dict(self, state: dict) -> None:
@@ -358,3 +361,5 @@ class LETSEngine:
         self.rule.load_state_dict(state["rule"])
         if state["rho_batches"] is not None:
             self.hypergradient.rho_batches.load_state_dict(state["rho_batches"])
+        if "metrics" in state:  # absent in older checkpoints: the first log then covers the steps since the checkpoint
+            self.metrics.load_state_dict(state["metrics"])

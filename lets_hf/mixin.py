@@ -54,7 +54,6 @@ class LETSMixin(CheckpointHooks, LossNormalizationHooks):
         self.rho_dataset = self._rho_validation_data(rho_dataset)
         self._staging_checkpoint = False
         self._in_extra_pass = False
-        self._last_metrics: dict[str, float] = {}
         if args.learn_rho:
             self._use_non_reentrant_checkpointing()
         self.engine = LETSEngine(
@@ -180,8 +179,7 @@ class LETSMixin(CheckpointHooks, LossNormalizationHooks):
         repeats its last value, so every logging step carries every curve.
         """
         if self.rule is not None and "loss" in logs:
-            self._last_metrics.update(self.engine.pop_metrics())
-            logs.update(rho=self.rho, **self._last_metrics)
+            logs.update(rho=self.rho, **self.engine.pop_metrics(repeat_last=True))
             if self.args.learn_rho:
                 logs.update(self.radius.monitor.summary())
             if self.radius.skipped_updates:

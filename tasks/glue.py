@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from lets_hf import LETSTrainer
-from lets_hf.cli import check_model_folder, parse_command_line
+from lets_hf.cli import check_model_folder, checkpoint_to_resume, parse_command_line
 from lets_hf.errors import UsageError, user_inputs
 from lets_hf.methods import METHODS
 from lets_hf.rho_curve import report_outputs
@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     task = get_task(glue_args.task)
     model_path = resolve_model_path(glue_args.model_name_or_path)
     check_model_folder(model_path)
+    checkpoint = checkpoint_to_resume(config)
     set_seed(config.seed)
 
     with user_inputs():
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         processing_class=tokenizer,
         compute_metrics=make_compute_metrics(task),
     )
-    train_result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     trainer.save_state()
     trainer.log_metrics("train", train_result.metrics)

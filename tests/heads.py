@@ -156,8 +156,8 @@ def train(
     model: torch.nn.Module | None = None,
     **overrides,
 ) -> dict:
-    """`STEPS` SGD steps on `head` (sequential batches); returns θ (flat), ρ, the logged losses and gaps,
-    the loss normalization the trainer chose, the trained model, the optimizer state and the fp16 grad scale
+    """`STEPS` SGD steps on `head` (sequential batches); returns θ (flat), ρ, the logged losses and gaps, the whole
+    log, the loss normalization the trainer chose, the trained model, the optimizer state and the fp16 grad scale
     (None without one)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     sam_variant, learn_rho = CASES[case]
@@ -183,6 +183,7 @@ def train(
         "rho": trainer.rho,
         "loss": [entry["loss"] for entry in logs],
         "gen_gap": [entry["gen_gap"] for entry in logs if "gen_gap" in entry],
+        "log_history": trainer.state.log_history,
         "world": args.world_size,
         "normalization": trainer.loss_normalization,
         "model": trainer.model,

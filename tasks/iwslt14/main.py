@@ -27,7 +27,7 @@ from pathlib import Path
 from transformers import set_seed
 
 from lets_hf import LETSConfig
-from lets_hf.cli import flags_given, parse_command_line
+from lets_hf.cli import checkpoint_to_resume, flags_given, parse_command_line
 from lets_hf.errors import UsageError, user_inputs
 from lets_hf.methods import METHODS
 from lets_hf.rho_curve import report_outputs
@@ -141,6 +141,7 @@ def evaluate_split(trainer, tokenizer, collator, batches, references: list[str],
 
 def main(argv: list[str] | None = None) -> None:
     task_args, config = parse_args(argv)
+    checkpoint = checkpoint_to_resume(config)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=config.get_process_log_level())
     splits, tokenizer = load_text_and_tokenizer(task_args, config)
     logger.info("Pairs: %s", {name: len(source) for name, (source, _) in splits.items()})
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_dataset=batches["valid"],
         processing_class=tokenizer,
     )
-    train_result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    train_result = trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

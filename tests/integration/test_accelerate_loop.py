@@ -103,6 +103,23 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tiny_model, tmp_path):
     assert history[0] == history[1]
 
 
+@pytest.mark.parametrize("restart", ["auto", "the run folder"])
+def test_one_command_with_auto_starts_the_run_and_its_restart_continues_it(tiny_model, tmp_path, restart):
+    """`--resume_from_checkpoint auto` starts a new run where output_dir holds no checkpoint; a restart (with more
+    steps) continues from the newest one, as does naming the run folder. A new run would log other learning rates
+    (its linear schedule spans 4 steps, not 2)."""
+    out = tmp_path / "out"
+
+    def train_logs(steps: int, resume: str) -> list[dict]:
+        accelerate_loop.main(flags(tiny_model, out, max_train_steps=steps, checkpointing_steps=2,
+                                   resume_from_checkpoint=resume))
+        return [entry for entry in json.loads((out / "log_history.json").read_text()) if "loss" in entry]
+
+    first = train_logs(2, "auto")
+    restarted = train_logs(4, str(out) if restart == "the run folder" else restart)
+    assert restarted[:2] == first and [entry["step"] for entry in restarted] == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -110,7 +127,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tiny_model, tmp_path):
         ({"max_train_samples": 20}, "fewer than one global validation batch"),  # 2 held out, ρ batches of 4
         ({"max_train_samples": 1}, "too few to hold out"),
         ({"method": "bisam"}, "Use LETSTrainer, or another rule"),  # its surrogate first pass needs Trainer's logits
-        ({"resume_from_checkpoint": "latest"}, "holds no checkpoint-<step> folder"),
+        ({"resume_from_checkpoint": "latest"}, "holds no complete checkpoint"),
         ({"checkpointing_steps": "often"}, "must be a number of steps or 'epoch'"),
     ],
 )

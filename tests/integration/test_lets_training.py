@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lets_hf import LETSConfig, LETSTrainer, available_rules
+from tests.heads import train
 from tests.toy import TinyClassifier, ToyDataset
 
 F64 = torch.float64
@@ -80,6 +81,34 @@ def test_sam_resume_is_exact(make_args, tmp_path):
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
     for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "steps,logging_steps,saved_at,rho_update_interval",
+    [
+        (4, 4, 2, 1),  # the log at step 4 averages steps 1-4: two of them before the checkpoint
+        (8, 2, 7, 4),  # ρ updated at step 5 only: the log at step 8 repeats the gap logged at step 6
+    ],
+)
+def test_the_first_log_after_a_resume_is_the_uninterrupted_runs(tmp_path, one_thread, steps, logging_steps, saved_at,
+                                                                 rho_update_interval):
+    """The engine's metrics not yet logged (the gap, the hypergradient, the first-pass gradient norm), and the last
+    logged ones, are in the checkpoint: the resumed run's first log equals the uninterrupted run's, on a real BERT
+    head. Trainer's own `loss` is left out: Trainer does not checkpoint its sum since the last log."""
+    settings = dict(max_steps=steps, logging_steps=logging_steps, save_strategy="steps", save_steps=saved_at,
+                    rho_update_interval=rho_update_interval)
+    whole = train("bert-classification", "lets-sam", str(tmp_path / "whole"), batch=8, **settings)
+    resumed = train("bert-classification", "lets-sam", str(tmp_path / "resumed"), batch=8,
+                    resume=str(tmp_path / "whole" / f"checkpoint-{saved_at}"), **settings)
+
+    first_log_after_resume = (saved_at // logging_steps + 1) * logging_steps
+
+    def log_at(run):
+        (entry,) = [e for e in run["log_history"] if e["step"] == first_log_after_resume and "loss" in e]
+        return {key: value for key, value in entry.items() if key != "loss"}
+
+    assert "gen_gap" in log_at(whole) and "first_grad_norm" in log_at(whole)
+    assert log_at(resumed) == pytest.approx(log_at(whole), rel=1e-12)
 
 
 def test_validation_split_never_overlaps_training(make_args):
