@@ -3,7 +3,10 @@
 User mistakes (`lets_hf.errors.UsageError`) print one message, which names settings as flags,
 and exit 2; a run stopped by non-finite losses exits 1 with its message. Ctrl-C removes the
 checkpoint being written, prints the command that resumes from the newest complete one, and exits
-130. `--debug` (or `LETS_HF_DEBUG=1`) keeps tracebacks.
+130. SIGTERM (SLURM's warning before it kills a job; `--save_on_sigterm false` leaves it fatal) saves a complete
+checkpoint at the next optimizer-step boundary, prints the command that resumes from it, and exits 75
+(`PREEMPTED_EXIT`, EX_TEMPFAIL: try again later), on which a job script requeues the same command with
+`--resume_from_checkpoint auto`. `--debug` (or `LETS_HF_DEBUG=1`) keeps tracebacks.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from .config import FIELD_GROUPS, LETSConfig
 from .errors import UsageError, command_line, setting, user_inputs
 from .methods import PRESET_FIELDS, apply_method
 from .nonfinite import NonFiniteTrainingError
+from .preemption import TrainingPreempted
 
 TASKS = {
     "glue": ("lets_hf.tasks.glue", "Fine-tune on a GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli)."),
@@ -31,11 +35,15 @@ TASKS = {
 }
 DEBUG_FLAG = "--debug"
 #: TrainingArguments' defaults that every task changes (a task's own `defaults` win): Trainer would save a
-#: checkpoint (optimizer state included) at the end of every run; a command saves one only when asked.
-DEFAULTS = {"save_strategy": "no"}
+#: checkpoint (optimizer state included) at the end of every run; a command saves one only when asked, or when
+#: SIGTERM warns that the job is about to be killed.
+DEFAULTS = {"save_strategy": "no", "save_on_sigterm": True}
 TRAINER_GROUP = "Trainer (transformers.TrainingArguments)"
 #: The shell's exit code for a command stopped by Ctrl-C (128 + SIGINT).
 INTERRUPTED_EXIT = 130
+#: The exit code of a command stopped by SIGTERM after saving a checkpoint: EX_TEMPFAIL (sysexits.h), for a job
+#: script to requeue on.
+PREEMPTED_EXIT = 75
 #: The running command's settings once parsed: what Ctrl-C needs to say where the run can resume from.
 _PARSED_CONFIG = contextvars.ContextVar("lets_hf_parsed_config", default=None)
 
@@ -66,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         sys.exit(INTERRUPTED_EXIT)
+    except TrainingPreempted as preempted:
+        if _PARSED_CONFIG.get().should_save:
+            print(f"lets-hf {task}: preempted (SIGTERM). Saved {preempted.checkpoint}; to resume from it: "
+                  f"{_resume_command(argv)}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT)
     finally:
         _PARSED_CONFIG.reset(parsed)
 
@@ -80,8 +93,13 @@ def _where_to_resume(config: LETSConfig | None, argv: list[str]) -> str:
     if newest is None:
         advice = " (add --save_strategy steps --save_steps N to save some)" if config.save_strategy == "no" else ""
         return f"{config.output_dir} holds no complete checkpoint to resume from{advice}."
-    command = shlex.join(["lets-hf", *with_flag(argv, "resume_from_checkpoint", checkpoints.AUTO)])
-    return f"The newest complete checkpoint is {newest}; to resume from it: {command}"
+    return f"The newest complete checkpoint is {newest}; to resume from it: {_resume_command(argv)}"
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command that resumes this one from its newest complete checkpoint: the same, with `resume_from_checkpoint`
+    auto."""
+    return shlex.join(["lets-hf", *with_flag(argv, "resume_from_checkpoint", checkpoints.AUTO)])
 
 
 def parse_command_line(task_fields, argv: list[str] | None, defaults: dict | None = None):

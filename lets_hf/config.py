@@ -134,6 +134,11 @@ class LETSArguments:
             and ρ (and a ρ update with a non-finite gap or hypergradient is skipped for ρ).
             After this many consecutive skipped steps training stops with an error that names
             the step, the last finite loss and the likely causes. `0`: never stop, keep skipping.
+        save_on_sigterm (`bool`, defaults to `False`):
+            On SIGTERM (what SLURM sends before it kills a job) save a complete checkpoint at the
+            next optimizer-step boundary, whatever `save_strategy` says, and stop: `train` raises
+            `lets_hf.preemption.TrainingPreempted`, which names the checkpoint. The `lets-hf`
+            command turns it on and then exits 75 (EX_TEMPFAIL), for a job script to requeue.
 
         Default ρ of these rules: BiSAM and BSAM 0.05 (SAM's), `lightsam-adagrad-norm`
         0.05 (its first ε is SAM's, then shrinks as gradients accumulate),
@@ -231,6 +236,13 @@ class LETSArguments:
         metadata={
             "help": "Steps with a NaN/inf loss or gradient are skipped; stop with an error after this many in a row "
             "(0: never stop)."
+        },
+    )
+    save_on_sigterm: bool = field(
+        default=False,
+        metadata={
+            "help": "On SIGTERM, save a complete checkpoint at the next optimizer-step boundary and stop; lets-hf "
+            "turns it on and then exits 75 for the job script to requeue (--save_on_sigterm false: SIGTERM kills)."
         },
     )
 
@@ -380,7 +392,7 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
         "rho_update_interval", "rho_batch_size", "rho_val_fraction", "rho_seed", "rho_diagnostics_window",
     ),
     "LightSAM / BiSAM / BSAM": ("bisam_surrogate", "bisam_mu", "bisam_alpha", "bsam_rho_min"),
-    "Safety": ("nonfinite_patience",),
+    "Safety": ("nonfinite_patience", "save_on_sigterm"),
 }
 
 

@@ -27,6 +27,7 @@ from .engine import LETSEngine
 from .errors import UsageError, setting
 from .loss_normalization import LossNormalizationHooks, logits_of
 from .optim import lightsam_optimizer_cls_and_kwargs
+from .preemption import SaveOnSigterm, TrainingPreempted
 from .validation import RhoBatches, antithetic_held_out, split_for_rho, validation_batch_size
 
 
@@ -62,6 +63,21 @@ class LETSMixin(CheckpointHooks, LossNormalizationHooks):
             max_grad_norm=args.max_grad_norm, peak_lr=args.learning_rate,
         )
         self.add_callback(_EngineSteps(self))
+        self.preemption = SaveOnSigterm() if args.save_on_sigterm else None
+        if self.preemption is not None:
+            self.add_callback(self.preemption)
+
+    def train(self, *args, **kwargs):
+        """Trainer's `train`; with `save_on_sigterm`, a SIGTERM ends it at the next optimizer-step boundary with a
+        complete checkpoint, and `TrainingPreempted` names it (what follows training must not run as if it had
+        finished)."""
+        if self.preemption is None:
+            return super().train(*args, **kwargs)
+        with self.preemption.handling_sigterm():
+            result = super().train(*args, **kwargs)
+        if self.preemption.checkpoint is not None:
+            raise TrainingPreempted(self.preemption.checkpoint)
+        return result
 
     @property
     def rule(self):

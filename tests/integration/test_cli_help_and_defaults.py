@@ -50,7 +50,9 @@ def test_grouping_the_help_changes_no_parsed_value(tiny_model, tmp_path):
                 "--bisam_mu", "2", "--nonfinite_patience", "3", "--learning_rate", "2e-4", "--logging_steps", "5",
                 "--no_average_tokens_across_devices")[1:]
     task_args, config = cli.parse_command_line(GlueArguments, argv)
-    plain_task_args, plain_config = HfArgumentParser((GlueArguments, LETSConfig)).parse_args_into_dataclasses(args=argv)
+    plain = HfArgumentParser((GlueArguments, LETSConfig))
+    plain.set_defaults(**cli.DEFAULTS)
+    plain_task_args, plain_config = plain.parse_args_into_dataclasses(args=argv)
     assert task_args == plain_task_args and config.to_dict() == plain_config.to_dict()
     assert (config.rho, config.learn_rho, config.bisam_mu, config.average_tokens_across_devices) == (0.1, True, 2, False)
 

@@ -14,6 +14,7 @@ import importlib.util
 import re
 import shlex
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -50,9 +51,9 @@ def code_blocks(language: str) -> list[tuple[str, str]]:
     blocks = []
     for path in DOCS:
         text = path.read_text(encoding="utf-8")
-        for match in re.finditer(rf"^```{language}\n(.*?)^```", text, re.S | re.M):
+        for match in re.finditer(rf"^ *```{language}\n(.*?)^ *```", text, re.S | re.M):  # list items indent theirs
             line = text[: match.start()].count("\n") + 1
-            blocks.append((f"{path.relative_to(REPO)}:{line}", match.group(1)))
+            blocks.append((f"{path.relative_to(REPO)}:{line}", textwrap.dedent(match.group(1))))
     return blocks
 
 
