@@ -129,6 +129,13 @@ def missing_or_unreadable(checkpoint: str, lets_state_files: list[str], with_opt
     return None
 
 
+def resume_problem(args, lets_state_files: list[str]) -> Problem:
+    """`missing_or_unreadable` for this run's checkpoints: these LETS state files, and the optimizer's state unless
+    `save_only_model`."""
+    return functools.partial(missing_or_unreadable, lets_state_files=lets_state_files,
+                             with_optimizer=not args.save_only_model)
+
+
 def checkpoint_to_resume(value: str | bool | None, output_dir: str, problem: Problem) -> str | None:
     """The checkpoint that `resume_from_checkpoint` names as typed, or `None` for a new run.
 
@@ -210,9 +217,7 @@ class CheckpointHooks:
         """Trainer's `train`; `resume_from_checkpoint` is read by `checkpoint_to_resume` (`True`, `latest`, `auto`,
         a run folder: the newest complete checkpoint), and a checkpoint is checked for completeness first."""
         lets_state = [os.path.basename(self._lets_state_path(os.curdir))] if self.rule else []
-        problem = functools.partial(
-            missing_or_unreadable, lets_state_files=lets_state, with_optimizer=not self.args.save_only_model
-        )
+        problem = resume_problem(self.args, lets_state)
         checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir, problem)
         return super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
 

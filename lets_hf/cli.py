@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import functools
 import importlib
 import os
 import shlex
@@ -133,9 +132,9 @@ def checkpoint_to_resume(config: LETSConfig) -> str | None:
 
 def _checkpoint_problem(config: LETSConfig) -> checkpoints.Problem:
     """What makes a checkpoint unusable for this run, before the trainer knows whether its LETS state is per rank."""
-    lets_state = [checkpoints.lets_state_name(), checkpoints.lets_state_name(config.process_index)]
-    return functools.partial(checkpoints.missing_or_unreadable, lets_state_files=lets_state,
-                             with_optimizer=not config.save_only_model)
+    return checkpoints.resume_problem(
+        config, [checkpoints.lets_state_name(), checkpoints.lets_state_name(config.process_index)]
+    )
 
 
 def _list_lets_flags_first(parser: HfArgumentParser) -> None:
