@@ -43,6 +43,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 
 from lets_hf import LETSArguments, LETSEngine, RhoBatches, checkpoints
 from lets_hf.cli import check_model_folder, flags_given
+from lets_hf.engine_state import lets_state_files, load_engine_state, save_engine_state
 from lets_hf.errors import UsageError, command_line, user_inputs
 from lets_hf.methods import METHODS, PRESET_FIELDS, apply_method
 from lets_hf.nonfinite import NonFiniteTrainingError
@@ -220,48 +221,50 @@ def evaluate(model, loader, accelerator: Accelerator, task, prefix: str) -> dict
     return {f"{prefix}_{name}": value for name, value in metrics.items()}
 
 
-def lets_state_path(directory: str, rank: int) -> str:
-    return os.path.join(directory, checkpoints.lets_state_name(rank))
-
-
 def checkpoint_problem(checkpoint: str, rank: int) -> str | None:
     """Which files of `save_checkpoint`'s, beside accelerate's, `checkpoint` lacks (not written by this script?)."""
-    paths = [os.path.join(checkpoint, LOOP_STATE), lets_state_path(checkpoint, rank)]
-    missing = [path for path in paths if not os.path.isfile(path)]
-    return f"no {', '.join(missing)} (not written by this script?)" if missing else None
+    if not os.path.isfile(os.path.join(checkpoint, LOOP_STATE)):
+        return f"no {LOOP_STATE} (not written by this script?)"
+    names = lets_state_files(rank)
+    if not any(os.path.isfile(os.path.join(checkpoint, name)) for name in names):
+        return f"no {' or '.join(names)} (not written by this script?)"
+    return None
 
 
-def save_checkpoint(accelerator: Accelerator, engine: LETSEngine, output_dir: str, loop_state: dict) -> None:
+def global_batch(config: LoopConfig, accelerator: Accelerator) -> int:
+    return config.per_device_train_batch_size * accelerator.num_processes * config.gradient_accumulation_steps
+
+
+def save_checkpoint(accelerator: Accelerator, engine: LETSEngine, config: LoopConfig, loop_state: dict) -> None:
     """`checkpoint-<step>`, written under `.staging/` and renamed once every rank has written its part: a crash
     never leaves a partial checkpoint where `--resume_from_checkpoint latest` would pick it."""
     folder = f"checkpoint-{engine.global_step}"
-    staged = os.path.join(checkpoints.staging_dir(output_dir), folder)
+    staged = os.path.join(checkpoints.staging_dir(config.output_dir), folder)
     if accelerator.is_main_process:
-        checkpoints.clear_staged(output_dir, folder)
+        checkpoints.clear_staged(config.output_dir, folder)
     accelerator.wait_for_everyone()
     accelerator.save_state(staged)  # model, optimizer, scheduler, sampler, every rank's RNG, accelerate's step
-    # The engine's state is rank-local under FSDP2 (shards) and in the local scope: every rank saves its own.
-    torch.save(engine.state_dict(), lets_state_path(staged, accelerator.process_index))
+    save_engine_state(engine, staged, global_batch(config, accelerator))
     if accelerator.is_main_process:
         Path(staged, LOOP_STATE).write_text(json.dumps(loop_state, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        checkpoints.publish(output_dir, folder)
+        checkpoints.publish(config.output_dir, folder)
     accelerator.wait_for_everyone()
 
 
 def load_checkpoint(accelerator: Accelerator, engine: LETSEngine, config: LoopConfig, checkpoint: str) -> dict:
-    """Everything `save_checkpoint` wrote (`checkpoint_to_resume` found it complete); returns the loop's position and
-    log."""
+    """Everything `save_checkpoint` wrote (`checkpoint_to_resume` found it complete), on any number of processes
+    with the same global batch; returns the loop's position and log."""
     loop_state = json.loads(Path(checkpoint, LOOP_STATE).read_text())
-    saved = {name: loop_state[name] for name in ("num_processes", "sam_variant")}
-    current = {"num_processes": accelerator.num_processes, "sam_variant": config.sam_variant}
-    if saved != current:
-        raise UsageError(f"Cannot resume from {checkpoint}: it was written with {saved}, this run has {current}.")
+    if loop_state["sam_variant"] != config.sam_variant:
+        raise UsageError(f"Cannot resume from {checkpoint}: it was written with sam_variant "
+                         f"{loop_state['sam_variant']!r}, this run has {config.sam_variant!r}.")
+    load_engine_state(engine, checkpoint, global_batch(config, accelerator))  # checks the layout first
     accelerator.load_state(checkpoint)
-    device = "cpu" if accelerator.device.type == "cpu" else accelerator.device  # not "cpu:0" (CPU DDP)
-    lets_state = lets_state_path(checkpoint, accelerator.process_index)
-    engine.load_state_dict(torch.load(lets_state, map_location=device, weights_only=True))  # it re-shards under FSDP2
+    # Checkpoints are taken between optimizer steps: the next micro-batch starts a step, whatever the accumulation of
+    # the run that wrote it (the saved counter is a multiple of that one's, or absent on an added process).
+    accelerator.step = 0
     return loop_state
 
 
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                         accelerator=accelerator, rho_batches=rho_batches, max_grad_norm=config.max_grad_norm,
                         peak_lr=config.learning_rate)
 
-    position = {"epoch": 0, "batches_in_epoch": 0}  # the next batch to train on
+    # The next example to train on, counted over all processes: the same place on any number of them.
+    position = {"epoch": 0, "examples_in_epoch": 0}
     log_history: list[dict] = []
     if checkpoint is not None:
         loop_state = load_checkpoint(accelerator, engine, config, checkpoint)
@@ -342,10 +346,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     progress = tqdm(total=max_steps, initial=engine.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process)
 
+    examples_per_batch = config.per_device_train_batch_size * accelerator.num_processes  # one batch on every rank
+
     def checkpoint_now(epoch: int, batches_in_epoch: int) -> None:
-        loop_state = {"position": {"epoch": epoch, "batches_in_epoch": batches_in_epoch}, "log_history": log_history,
-                      "num_processes": accelerator.num_processes, "sam_variant": config.sam_variant}
-        save_checkpoint(accelerator, engine, config.output_dir, loop_state)
+        loop_state = {"position": {"epoch": epoch, "examples_in_epoch": batches_in_epoch * examples_per_batch},
+                      "log_history": log_history, "num_processes": accelerator.num_processes,
+                      "sam_variant": config.sam_variant}
+        save_checkpoint(accelerator, engine, config, loop_state)
 
     def log(entry: dict) -> None:
         log_history.append(entry)
@@ -361,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if engine.global_step >= max_steps:
             break
         train_loader.set_epoch(epoch)
-        skip = position["batches_in_epoch"] if epoch == position["epoch"] else 0
+        skip = position["examples_in_epoch"] // examples_per_batch if epoch == position["epoch"] else 0
         batches = () if skip >= len(train_loader) else accelerator.skip_first_batches(train_loader, skip)
         model.train()
         trained = skip  # batches of this epoch trained on

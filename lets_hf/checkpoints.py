@@ -6,7 +6,7 @@ Trainer writes `checkpoint-N/` file by file; a run killed mid-save leaves a fold
 process has finished (the same file system, so the rename is atomic). Only `checkpoint-<digits>`
 folders are searched for the newest, so a staged one is never found. `CheckpointHooks` are the
 Trainer methods that do it, and that save the engine's state beside the optimizer's
-(`lets_state.pt`, or one file per rank where the state is rank-local).
+(`lets_hf.engine_state`: resumable on another number of processes).
 
 `checkpoint_to_resume` reads `resume_from_checkpoint` as users type it (`True`, `latest`, `auto`,
 a run folder or a checkpoint), for `LETSTrainer.train`, the `lets-hf` commands and plain loops.
@@ -35,11 +35,11 @@ from transformers.utils import (
     logging,
 )
 
+from .engine_state import SHARDS_DIR, check_saved_layout, lets_state_files, load_engine_state, save_engine_state
 from .errors import UsageError, setting, unset
 
 logger = logging.get_logger(__name__)
 
-LETS_STATE_NAME = "lets_state.pt"
 STAGING_DIR = ".staging"
 TRAINER_STATE_NAME = "trainer_state.json"
 _WEIGHTS = (
@@ -70,14 +70,6 @@ def clear_staged(run_dir: str, folder: str = "") -> None:
     """Remove what a killed run left staged under this name (main process, before writing), or by default all that
     is staged (an interrupted run: a staged checkpoint is never complete)."""
     shutil.rmtree(os.path.join(staging_dir(run_dir), folder), ignore_errors=True)
-
-
-def lets_state_name(rank: int | None = None) -> str:
-    """`lets_state.pt`, or `lets_state_rank<r>.pt` where each rank saves its own state."""
-    if rank is None:
-        return LETS_STATE_NAME
-    stem, suffix = os.path.splitext(LETS_STATE_NAME)
-    return f"{stem}_rank{rank}{suffix}"
 
 
 def publish(run_dir: str, folder: str) -> str:
@@ -126,6 +118,9 @@ def missing_or_unreadable(checkpoint: str, lets_state_files: list[str], with_opt
             torch.load(os.path.join(checkpoint, name), map_location="cpu", weights_only=True)
         except Exception as error:  # a truncated zip, a wrong format: say which file
             return f"{name} cannot be read ({str(error).splitlines()[0]})"
+    shards = os.path.join(checkpoint, SHARDS_DIR)
+    if os.path.isdir(shards) and not os.path.isfile(os.path.join(shards, ".metadata")):
+        return f"{SHARDS_DIR}/.metadata is missing"
     return None
 
 
@@ -216,9 +211,11 @@ class CheckpointHooks:
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Trainer's `train`; `resume_from_checkpoint` is read by `checkpoint_to_resume` (`True`, `latest`, `auto`,
         a run folder: the newest complete checkpoint), and a checkpoint is checked for completeness first."""
-        lets_state = [os.path.basename(self._lets_state_path(os.curdir))] if self.rule else []
+        lets_state = lets_state_files(self.args.process_index) if self.rule else []
         problem = resume_problem(self.args, lets_state)
         checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir, problem)
+        if checkpoint is not None and self.rule is not None:  # before Trainer loads anything
+            check_saved_layout(self.engine, checkpoint, self._global_batch())
         return super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
@@ -248,31 +245,16 @@ class CheckpointHooks:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.rule is None or not (self.args.should_save or self.engine.rank_local_state):
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        path = self._lets_state_path(output_dir)
-        torch.save(self.engine.state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)  # never a half-written file
+        if self.rule is not None:
+            save_engine_state(self.engine, output_dir, self._global_batch())
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self.rule is None:
             return
-        path = self._lets_state_path(checkpoint)
-        if not os.path.isfile(path):
-            raise UsageError(
-                f"{path} is missing: this checkpoint was not written by LETSTrainer with this sam_scope and number "
-                "of processes, so ρ and its optimizer state cannot be restored. Resume from such a checkpoint or "
-                "start a new run."
-            )
-        device = self.args.device  # "cpu:0" under CPU DDP, which torch.load cannot map to
         self.engine.model = self.model_wrapped
-        state = torch.load(path, map_location="cpu" if device.type == "cpu" else device, weights_only=True)
-        self.engine.load_state_dict(state)
+        load_engine_state(self.engine, checkpoint, self._global_batch())  # checks the layout again: cheap
 
-    def _lets_state_path(self, directory: str) -> str:
-        """`lets_state.pt`, or one `lets_state_rank<r>.pt` per rank when the state is rank-local."""
-        rank = self.args.process_index if self.engine.rank_local_state else None
-        return os.path.join(directory, lets_state_name(rank))
-
+    def _global_batch(self) -> int:
+        """Examples per optimizer step over all processes, which a resume on another number of them must keep."""
+        return self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size

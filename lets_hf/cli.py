@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from . import checkpoints
 from .config import FIELD_GROUPS, LETSConfig
+from .engine_state import lets_state_files
 from .errors import UsageError, command_line, setting, user_inputs
 from .methods import PRESET_FIELDS, apply_method
 from .nonfinite import NonFiniteTrainingError
@@ -132,9 +133,7 @@ def checkpoint_to_resume(config: LETSConfig) -> str | None:
 
 def _checkpoint_problem(config: LETSConfig) -> checkpoints.Problem:
     """What makes a checkpoint unusable for this run, before the trainer knows whether its LETS state is per rank."""
-    return checkpoints.resume_problem(
-        config, [checkpoints.lets_state_name(), checkpoints.lets_state_name(config.process_index)]
-    )
+    return checkpoints.resume_problem(config, lets_state_files(config.process_index))
 
 
 def _list_lets_flags_first(parser: HfArgumentParser) -> None:

@@ -1,10 +1,10 @@
-"""Which distributed setups LETS runs under, cross-rank reductions for the global scope, and sharded state
-on disk. No math about SAM lives here.
+"""Which distributed setups LETS runs under, and cross-rank reductions for the global scope. No math about SAM
+lives here.
 
 Under DDP the first pass runs under `no_sync`; in the global scope its gradient is then averaged
 with exactly one coalesced all-reduce (a flat buffer allocated once), and the scalars of
 the ρ update with one more tiny all-reduce on the steps that update ρ. Under FSDP2 the
-gradient is reduce-scattered by FSDP2 itself, and LETS's state is saved shard by shard.
+gradient is reduce-scattered by FSDP2 itself (LETS's state is saved shard by shard: `lets_hf.engine_state`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
-from torch.distributed.tensor import DTensor, Shard
 
 from .config import check_fsdp2_settings
 from .errors import UsageError, setting
@@ -98,45 +97,3 @@ def same_on_all_ranks(value: int, device) -> tuple[int, int]:
 def _has_avg() -> bool:
     """gloo has no ReduceOp.AVG; NCCL does."""
     return dist.get_backend() == "nccl"
-
-
-#: How a sharded tensor is written to `lets_state_rank<r>.pt`: its local shard and what rebuilds the DTensor.
-_SHARD_KEYS = ("local_shard", "global_shape", "global_stride", "shard_dim")
-
-
-def local_state(tree):
-    """A LETS state tree with each FSDP2 `DTensor` replaced by its local shard (plain tensors and
-    numbers that `torch.load(weights_only=True)` reads back); each rank saves its own."""
-
-    def local(leaf):
-        if not isinstance(leaf, DTensor):
-            return None
-        return dict(zip(_SHARD_KEYS, (leaf.to_local(), list(leaf.shape), list(leaf.stride()), leaf.placements[0].dim)))
-
-    return _map_tree(tree, local)
-
-
-def sharded_state(tree, mesh):
-    """The inverse of `local_state` on this rank's `mesh` (the parameters' device mesh)."""
-
-    def sharded(leaf):
-        if not (isinstance(leaf, dict) and set(leaf) == set(_SHARD_KEYS)):
-            return None
-        return DTensor.from_local(
-            leaf["local_shard"].to(mesh.device_type), mesh, [Shard(leaf["shard_dim"])], run_check=False,
-            shape=torch.Size(leaf["global_shape"]), stride=tuple(leaf["global_stride"]),
-        )
-
-    return _map_tree(tree, sharded)
-
-
-def _map_tree(tree, convert):
-    """`tree` (dicts, lists, tuples) with each node that `convert` maps (to something other than `None`) replaced."""
-    converted = convert(tree)
-    if converted is not None:
-        return converted
-    if isinstance(tree, dict):
-        return {key: _map_tree(value, convert) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_tree(value, convert) for value in tree)
-    return tree

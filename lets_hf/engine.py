@@ -32,7 +32,7 @@ import torch
 
 from .config import check_rho_within_bounds
 from .diagnostics import StepMetrics
-from .distributed import GradientAverager, check_distributed_type, local_state, sharded_state
+from .distributed import GradientAverager, check_distributed_type
 from .errors import UsageError
 from .hypergradient import Hypergradient
 from .nonfinite import NonFiniteGuard
@@ -330,33 +330,25 @@ class LETSEngine:
         with `repeat_last`, a metric without a new value repeats its last mean (what a log shows)."""
         return self.metrics.pop(repeat_last)
 
-    @property
-    def rank_local_state(self) -> bool:
-        """Whether each rank must save its own `state_dict`: under FSDP2 each holds a shard of ∂θ/∂ρ; in the
-        local scope on several ranks each has its own, from its own gradients."""
-        return self.sharded or (self.args.sam_scope == "local" and self.accelerator.num_processes > 1)
-
     def state_dict(self) -> dict:
         """ρ, its optimizer and ∂θ/∂ρ, the rule's statistics, the validation stream's position and the metrics
-        not yet logged, as plain tensors (FSDP2 shards as their local pieces) that `torch.save` writes; see
-        `rank_local_state`."""
+        not yet logged (under FSDP2 the parameter-shaped tensors are `DTensor` shards); `lets_hf.engine_state`
+        writes it into a checkpoint."""
         if self.rule is None:
             return {"global_step": self.global_step}
         batches = self.hypergradient.rho_batches
-        return local_state({
+        return {
             "radius": self.radius.state_dict(),
             "rule": self.rule.state_dict(),
             "rho_batches": batches.state_dict() if batches is not None else None,
             "global_step": self.global_step,
             "metrics": self.metrics.state_dict(),
-        })
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = state.get("global_step", self.global_step)  # absent in checkpoints of LETSTrainer < 0.2
         if self.rule is None:
             return
-        if self.sharded:
-            state = sharded_state(state, trainable(self.model)[1][0].device_mesh)
         self.radius.load_state_dict(state["radius"])
         self.rule.load_state_dict(state["rule"])
         if state["rho_batches"] is not None:

@@ -52,6 +52,8 @@ class SingleProcess:
     distributed_type = DistributedType.NO
     is_fsdp2 = False
     num_processes = 1
+    process_index = 0
+    is_main_process = True
     scaler = None
     optimizer_step_was_skipped = False
 

@@ -95,9 +95,18 @@ class RhoBatches:
         return (self.seed << 40) ^ (self.drawn << 12) ^ self.rank
 
     def state_dict(self) -> dict:
-        return {"drawn": self.drawn}
+        return {"drawn": self.drawn, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
+        """The position in the stream: the same global batches on any number of processes, if they are as large."""
+        saved = state.get("global_batch", self.global_batch)  # absent before lets-hf resumed on other world sizes
+        if saved != self.global_batch:
+            raise UsageError(
+                f"The checkpoint's ρ validation batches hold {saved} examples over all processes, and this run's "
+                f"{self.global_batch} ({self.world_size} processes x {setting('rho_batch_size', self.batch_size)}): "
+                f"the stream would not continue where it stopped. Set {setting('rho_batch_size')} to "
+                f"{saved} / {self.world_size} processes."
+            )
         self.drawn = state["drawn"]
 
 

@@ -13,10 +13,16 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 
 
-def launch(script: Path, *args: str, processes: int = 2, config: Path = HERE / "configs" / "ddp.yaml") -> None:
-    """Runs `script` on `processes` processes (1: plain Python) with the accelerate `config`, and fails
-    with its stderr. The config's mixed precision is turned off: these runs compare numbers exactly."""
-    if processes == 1:
+def launch(
+    script: Path, *args: str, processes: int = 2, config: Path = HERE / "configs" / "ddp.yaml", torchrun: bool = False
+) -> None:
+    """Runs `script` on `processes` processes (1: plain Python) with the accelerate `config`, or with `torchrun`
+    (a process group even for one process), and fails with its stderr. The config's mixed precision is turned off:
+    these runs compare numbers exactly."""
+    if torchrun:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   str(script), *args]
+    elif processes == 1:
         command = [sys.executable, str(script), *args]
     else:
         launcher = ["--config_file", str(config), "--mixed_precision", "no"]
