@@ -1,11 +1,11 @@
 """A LETSTrainer checkpoint written on N processes resumes on M (2 → 1, 1 → 2, 2 → 4) under DDP and under FSDP2,
 with the same global batch of 8, and continues the N-process run: θ and ρ at step 4 equal the uninterrupted run's.
 
-Float64 BERT heads without dropout (tests.heads), so the only difference between world sizes is the order in which
-gradients are summed: θ to 1e-9 relative (summation order, amplified over two AdamW steps, stays near 1e-13). What
-carries over: AdamW's moments, the warmup schedule, ρ with its Adam state, ∂θ/∂ρ (the paper's estimator), the trace,
-the antithetic window, LightSAM's statistics and the data position; the accumulation changes with the world size
-(tests/distributed/train_world_sizes.py, SPLITS). Resumes that cannot continue the run are refused, saying what to
+Float64 heads without dropout built from configs (tests.heads: BERT classification and GPT-2), so the only
+difference between world sizes is the order in which gradients are summed: θ to 1e-9 relative (summation order,
+amplified over two AdamW steps, stays near 1e-13; GPT-2's loss is computed in float32 by transformers, so 1e-6). What carries over: AdamW's moments, the warmup schedule, ρ with
+its Adam state, ∂θ/∂ρ (the paper's estimator), the trace, the antithetic window, LightSAM's statistics and the data
+position; the accumulation changes with the world size (tests/distributed/train_world_sizes.py, SPLITS). Resumes that cannot continue the run are refused, saying what to
 change.
 """
 
@@ -65,8 +65,11 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, mode, move, c
     assert straight["world"] == written_on and all(rank["world"] == resumed_on for rank in ranks)
     assert all(rank["rho"] == ranks[0]["rho"] for rank in ranks)  # one ρ on every rank
     assert straight["rho"] != 0.05  # ρ was learned, before and after the checkpoint
-    assert ranks[0]["rho"] == pytest.approx(straight["rho"], rel=1e-9)
-    torch.testing.assert_close(ranks[0]["theta"], straight["theta"], rtol=1e-9, atol=1e-12)
+    # transformers' causal-LM loss casts the logits to float32 (`logits.float()`): GPT-2's sums in another order
+    # differ at float32's rounding, as between 1 and 2 processes without a resume (test_ddp_real_heads.py)
+    rtol, atol = (1e-6, 1e-7) if CASES[case][0] == "gpt2" else (1e-9, 1e-12)
+    assert ranks[0]["rho"] == pytest.approx(straight["rho"], rel=rtol)
+    torch.testing.assert_close(ranks[0]["theta"], straight["theta"], rtol=rtol, atol=atol)
 
 
 def test_the_engine_state_is_one_file_under_ddp_and_resharded_shards_under_fsdp2(runs):

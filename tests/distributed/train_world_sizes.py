@@ -29,25 +29,29 @@ SETTINGS = dict(
     optim="adamw_torch", learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=1, rho_optimizer="adam",
     rho_lr=0.01, max_steps=4, save_strategy="steps", save_steps=2,
 )
-#: name -> overrides: the paper's estimator (∂θ/∂ρ), the trace, the antithetic window, LightSAM's statistics.
+#: name -> (head, overrides): on BERT classification the paper's estimator (∂θ/∂ρ), the trace, the antithetic window
+#: and LightSAM's statistics; on a causal LM (GPT-2, a token-mean loss over the global token count) the paper's.
 CASES = {
-    "paper": {},
-    "trace": ESTIMATORS["trace"],
-    "antithetic": ESTIMATORS["antithetic"],
-    "lightsam": {"sam_variant": "lightsam-adagrad", "optim": "sgd", "learning_rate": 0.1, "rho_lr": 0.1},
+    "paper": ("bert-classification", {}),
+    "trace": ("bert-classification", ESTIMATORS["trace"]),
+    "antithetic": ("bert-classification", ESTIMATORS["antithetic"]),
+    "lightsam": ("bert-classification",
+                 {"sam_variant": "lightsam-adagrad", "optim": "sgd", "learning_rate": 0.1, "rho_lr": 0.1}),
+    "gpt2": ("gpt2", {}),
 }
-HEAD = "bert-classification"
+LAYERS = {"bert-classification": "BertLayer", "gpt2": "GPT2Block"}
 
 
-def fsdp2() -> dict:
-    config = {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"], "state_dict_type": "SHARDED_STATE_DICT"}
+def fsdp2(head: str) -> dict:
+    config = {"version": 2, "transformer_layer_cls_to_wrap": [LAYERS[head]], "state_dict_type": "SHARDED_STATE_DICT"}
     return {"fsdp": True, "fsdp_config": config}
 
 
 def run(out: Path, mode: str, world: int, case: str, resume: Path | None = None, **changes) -> dict:
     batch, accumulation = SPLITS[world]
-    settings = {**SETTINGS, **CASES[case], **(fsdp2() if mode == "fsdp2" else {}), **changes}
-    done = train(HEAD, "lets-sam", str(out), batch=batch, accumulation=accumulation,
+    head, overrides = CASES[case]
+    settings = {**SETTINGS, **overrides, **(fsdp2(head) if mode == "fsdp2" else {}), **changes}
+    done = train(head, "lets-sam", str(out), batch=batch, accumulation=accumulation,
                  resume=str(resume / "checkpoint-2") if resume else None, **settings)
     return {"theta": done["theta"], "rho": done["rho"], "world": done["world"],
             "files": sorted(os.listdir(out / "checkpoint-2")) if (out / "checkpoint-2").is_dir() else []}
