@@ -115,7 +115,7 @@ def missing_or_unreadable(checkpoint: str, lets_state_files: list[str], with_opt
         if not os.path.isfile(os.path.join(checkpoint, name)):
             continue
         try:
-            torch.load(os.path.join(checkpoint, name), map_location="cpu", weights_only=True)
+            torch.load(os.path.join(checkpoint, name), map_location="cpu", weights_only=True, mmap=True)  # no copy
         except Exception as error:  # a truncated zip, a wrong format: say which file
             return f"{name} cannot be read ({str(error).splitlines()[0]})"
     shards = os.path.join(checkpoint, SHARDS_DIR)
