@@ -6,7 +6,8 @@ checkpoint being written, prints the command that resumes from the newest comple
 130. SIGTERM (SLURM's warning before it kills a job; `--save_on_sigterm false` leaves it fatal) saves a complete
 checkpoint at the next optimizer-step boundary, prints the command that resumes from it, and exits 75
 (`PREEMPTED_EXIT`, EX_TEMPFAIL: try again later), on which a job script requeues the same command with
-`--resume_from_checkpoint auto`. `--debug` (or `LETS_HF_DEBUG=1`) keeps tracebacks.
+`--resume_from_checkpoint auto`; it also leaves `<output_dir>/preempted` (`PREEMPTED_MARKER`) for launchers that
+replace the exit code (torchrun). `--debug` (or `LETS_HF_DEBUG=1`) keeps tracebacks.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ INTERRUPTED_EXIT = 130
 #: The exit code of a command stopped by SIGTERM after saving a checkpoint: EX_TEMPFAIL (sysexits.h), for a job
 #: script to requeue on.
 PREEMPTED_EXIT = 75
+#: Written into output_dir when SIGTERM stopped the run after saving (the checkpoint, then the command that resumes),
+#: removed when the next run on that folder starts: what a job script checks where a launcher hides the exit code
+#: (torchrun exits 1 after forwarding SIGTERM, whatever its workers return).
+PREEMPTED_MARKER = "preempted"
 #: The running command's settings once parsed: what Ctrl-C needs to say where the run can resume from.
 _PARSED_CONFIG = contextvars.ContextVar("lets_hf_parsed_config", default=None)
 
@@ -75,12 +80,22 @@ def main(argv: list[str] | None = None) -> None:
             raise
         sys.exit(INTERRUPTED_EXIT)
     except TrainingPreempted as preempted:
-        if _PARSED_CONFIG.get().should_save:
-            print(f"lets-hf {task}: preempted (SIGTERM). Saved {preempted.checkpoint}; to resume from it: "
-                  f"{_resume_command(argv)}", file=sys.stderr)
+        config = _PARSED_CONFIG.get()
+        if config.should_save:
+            command = _resume_command(argv)
+            _mark_preempted(config.output_dir, preempted.checkpoint, command)
+            print(f"lets-hf {task}: preempted (SIGTERM). Saved {preempted.checkpoint}; to resume from it: {command}",
+                  file=sys.stderr)
         sys.exit(PREEMPTED_EXIT)
     finally:
         _PARSED_CONFIG.reset(parsed)
+
+
+def _mark_preempted(output_dir: str, checkpoint: str, command: str) -> None:
+    path = os.path.join(output_dir, PREEMPTED_MARKER)
+    with open(path + ".tmp", "w") as file:
+        file.write(f"{checkpoint}\n{command}\n")
+    os.replace(path + ".tmp", path)  # never half-written
 
 
 def _where_to_resume(config: LETSConfig | None, argv: list[str]) -> str:
@@ -123,6 +138,8 @@ def checkpoint_to_resume(config: LETSConfig) -> str | None:
     `lets_hf.checkpoints.checkpoint_to_resume`), found and checked before anything loads; `None` for a new run."""
     checkpoint = checkpoints.checkpoint_to_resume(config.resume_from_checkpoint, config.output_dir,
                                                   _checkpoint_problem(config))
+    if config.should_save:  # this run is no longer the preempted one
+        Path(config.output_dir, PREEMPTED_MARKER).unlink(missing_ok=True)
     if config.should_save and checkpoint is not None:
         print(f"Resuming from {checkpoint}.")
     elif config.should_save and config.resume_from_checkpoint is not None:

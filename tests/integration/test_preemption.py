@@ -1,5 +1,6 @@
 """SIGTERM (SLURM's warning before it kills a job): `lets-hf` saves a complete checkpoint at the next step boundary,
-names the command that resumes, exits 75, and that command finishes the run exactly as an uninterrupted one; in
+names the command that resumes, exits 75 and leaves `<output_dir>/preempted` saying so (until the next run starts),
+and that command finishes the run exactly as an uninterrupted one; in
 Python, Trainer's SIGTERM stays untouched unless `save_on_sigterm` is set."""
 
 import os
@@ -55,14 +56,16 @@ def test_sigterm_saves_a_checkpoint_exits_75_and_the_printed_command_resumes_exa
     assert exited.value.code == cli.PREEMPTED_EXIT == 75
     assert signal.getsignal(signal.SIGTERM) is sigterm_fails_the_test
     out = tmp_path / "out"
-    assert sorted(path.name for path in out.iterdir()) == ["checkpoint-3"]  # no .staging, no final model
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint-3", "preempted"]  # no .staging, no final model
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "preempted" in line]
     assert line.startswith(f"lets-hf glue: preempted (SIGTERM). Saved {out / 'checkpoint-3'}; to resume from it: ")
 
     command = shlex.split(line.split("to resume from it: ", 1)[1])
     assert command == ["lets-hf", *argv, "--resume_from_checkpoint", "auto"]
+    assert (out / cli.PREEMPTED_MARKER).read_text() == f"{out / 'checkpoint-3'}\n{shlex.join(command)}\n"
     cli.main(command[1:])
     assert f"Resuming from {out / 'checkpoint-3'}." in capsys.readouterr().out
+    assert not (out / cli.PREEMPTED_MARKER).exists()  # the requeued run finished: nothing to requeue
     assert train_logs(out) == train_logs(uninterrupted / "out")  # losses, learning rates and ρ, step by step
     resumed, expected = load_file(out / "model.safetensors"), load_file(uninterrupted / "out" / "model.safetensors")
     assert resumed.keys() == expected.keys() and all(torch.equal(resumed[name], expected[name]) for name in expected)
