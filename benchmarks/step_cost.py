@@ -1,4 +1,5 @@
-"""Step time and peak memory of AdamW, SAM, ASAM and LETS-SAM on the same model and batches.
+"""Step time and peak memory of AdamW, SAM, ASAM, LETS-SAM and SAM under each `sam_policy` on the same model and
+batches.
 
     python benchmarks/step_cost.py                       # CPU: BERT of MiniLM shape, batch 32, length 128
     python benchmarks/step_cost.py --model bert-base --precision bf16   # on a GPU
@@ -19,6 +20,10 @@ RSS would include glibc's caching).
 Step times come from a Trainer callback, in a run without the profiler. The measured
 window is 10 steps, so LETS with `rho_update_interval` 10 pays exactly one validation pass
 in it: the *mean* is the amortized cost, the *median* the cost of a step without ρ update. Ratios are to AdamW and to SAM, measured in one run.
+A `sam <policy>` row (`sam_policy`) takes SAM on some steps only, so its cost varies by step: its mean is over the
+whole measured window, whose share of SAM steps the table gives, and AE-SAM's threshold schedule runs its whole course
+over the run. `--measured 30` measures 30 steps instead of 10, enough for AE-SAM's running statistics (rate 0.9) to
+forget their start at zero.
 
 `--sharding ddp fsdp2` runs each method under torchrun on `--num_processes` processes
 (default: the GPUs found, or 2 CPU processes over gloo) with DDP and with FSDP2, and reports the
@@ -73,6 +78,9 @@ METHODS = {  # name -> LETSConfig overrides
     "lets-sam k=10 antithetic": dict(
         sam_variant="sam", learn_rho=True, rho_update_interval=10, rho_estimator="antithetic", rho_update_space="log"
     ),
+    "sam ae-sam": dict(sam_variant="sam", sam_policy="ae-sam"),
+    "sam looksam": dict(sam_variant="sam", sam_policy="looksam"),
+    "sam random": dict(sam_variant="sam", sam_policy="random"),
 }
 LOOP = " loop"
 #: The same step in a plain loop (`_train_loop`): what Trainer adds shows against the rows above.
@@ -89,10 +97,11 @@ def memory_steps(methods: list[str]) -> int:
 
 
 class _StepTimer(TrainerCallback):
-    """Wall and CPU (this process) seconds of each optimizer step."""
+    """Wall and CPU (this process) seconds of each optimizer step, and whether it took SAM (`engine`, once set)."""
 
     def __init__(self, cuda: bool):
         self.cuda, self.times, self.cpu_times, self._start, self._cpu_start = cuda, [], [], 0.0, 0.0
+        self.engine, self.sam_steps = None, []
 
     def on_step_begin(self, args=None, state=None, control=None, **kwargs):
         if self.cuda:
@@ -104,6 +113,8 @@ class _StepTimer(TrainerCallback):
             torch.cuda.synchronize()
         self.times.append(time.perf_counter() - self._start)
         self.cpu_times.append(time.process_time() - self._cpu_start)
+        sam_step = getattr(self.engine, "_sam_step", True)  # an engine before sam_policy: always SAM
+        self.sam_steps.append(1.0 if sam_step is None else float(bool(sam_step)))
 
 
 class _RandomTokens(torch.utils.data.Dataset):
@@ -159,6 +170,8 @@ def state_per_rank(trainer) -> dict:
     if trainer.rule is not None:
         engine = getattr(trainer, "engine", trainer)  # `--before` a commit where the trainer held the backup
         lets = [*engine._backup.values(), *(trainer.radius.u or []), *_tensors_in(trainer.rule.state_dict())]
+        if hasattr(engine, "policy"):  # LookSAM's g_v
+            lets += _tensors_in(engine.policy.state_dict())
     return {
         "params_mb": _local_mb(trainer.model.parameters()),
         "optimizer_mb": _local_mb(optimizer_state),
@@ -212,6 +225,8 @@ def _train(method: str, shape: str, precision: str, batch: int, length: int, ste
         model=model, args=args, train_dataset=train_set, rho_dataset=rho_set if args.learn_rho else None,
         callbacks=list(callbacks),
     )
+    for callback in callbacks:
+        callback.engine = getattr(trainer, "engine", None)
     trainer.train()
     return trainer
 
@@ -231,7 +246,10 @@ def _train_loop(method: str, shape: str, precision: str, batch: int, length: int
     args = LETSArguments(**METHODS[method.removesuffix(LOOP)])
     rho_batches = RhoBatches(rho_set, default_collate, batch, 1, 0, 0)
     engine = LETSEngine(model, optimizer, args, loss_fn=lambda model, inputs: model(**inputs).loss, accelerator=accelerator,
-                        rho_batches=rho_batches if args.learn_rho else None, max_grad_norm=1.0)
+                        rho_batches=rho_batches if args.learn_rho else None, max_grad_norm=1.0,
+                        **({"max_steps": steps} if getattr(args, "sam_policy", "every") != "every" else {}))
+    if timer is not None:
+        timer.engine = engine
     model.train()
     for inputs in loader:
         if timer is not None:
@@ -267,6 +285,7 @@ def measure_one(method: str, shape: str, precision: str, batch: int, length: int
         peak = peak_live_bytes(prof)
     measured, measured_cpu = timer.times[WARMUP:], timer.cpu_times[WARMUP:]
     return {
+        "sam_share": statistics.mean(timer.sam_steps[WARMUP:]),
         "median_s": statistics.median(measured),
         "mean_s": statistics.mean(measured),
         "cpu_mean_s": statistics.mean(measured_cpu),
@@ -312,7 +331,7 @@ def run_all(cli) -> list[dict]:
 
 def _run_one(cli, method: str, sharding: str | None, tree: Path) -> dict:
     """One method in its own process, with `tree`'s copy of this script (so with `tree`'s lets_hf)."""
-    one = [str(tree / "benchmarks" / Path(__file__).name), "--_one", method, "--model", cli.model,
+    one = [str(tree / "benchmarks" / Path(__file__).name), "--_one", method, "--model", cli.model, "--measured", str(MEASURED),
            "--precision", cli.precision, "--batch", str(cli.batch), "--length", str(cli.length),
            "--_profiled_steps", str(memory_steps(cli.methods if sharding else [method]))]
     if sharding is None:
@@ -351,9 +370,9 @@ def to_markdown(rows: list[dict], cli, device: str) -> str:
         f"Parameters: {adamw['param_mb']:.0f} MB. A `loop` row is the plain loop (LETSEngine, no Trainer), its "
         "ratios to the loop's AdamW and SAM; `cpu / Trainer` compares it with the same method under Trainer.",
         "",
-        "| method | mean step (s) | mean / adamw | mean / sam | cpu / adamw | cpu / sam | cpu / Trainer "
+        "| method | SAM steps | mean step (s) | mean / adamw | mean / sam | cpu / adamw | cpu / sam | cpu / Trainer "
         "| peak tensor memory (MB) | peak − adamw (MB) | peak − adamw (parameter buffers) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         name = r["method"]
@@ -361,8 +380,9 @@ def to_markdown(rows: list[dict], cli, device: str) -> str:
         ref_adamw, ref_sam = base.get(f"adamw{kind}", adamw), base.get(f"sam{kind}", base.get("sam"))
         trainer = base.get(name.removesuffix(LOOP)) if kind == LOOP else None
         ratio = lambda key, ref: f"{r[key] / ref[key]:.2f}x" if ref is not None and key in ref else "–"  # noqa: E731
+        share = f"{r['sam_share']:.0%}" if "sam_share" in r and r["method"].split()[0] not in ("adamw",) else "–"
         lines.append(
-            f"| {name} | {r['mean_s']:.3f} | {ratio('mean_s', ref_adamw)} | {ratio('mean_s', ref_sam)} "
+            f"| {name} | {share} | {r['mean_s']:.3f} | {ratio('mean_s', ref_adamw)} | {ratio('mean_s', ref_sam)} "
             f"| {ratio('cpu_mean_s', ref_adamw)} | {ratio('cpu_mean_s', ref_sam)} | {ratio('cpu_mean_s', trainer)} "
             f"| {r['peak_mb']:.0f} | {r['peak_mb'] - ref_adamw['peak_mb']:+.0f} "
             f"| {(r['peak_mb'] - ref_adamw['peak_mb']) / r['param_mb']:+.2f} |"
@@ -398,6 +418,7 @@ def sharding_markdown(rows: list[dict], cli, device: str) -> str:
 
 
 def main(argv=None):
+    global MEASURED
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=SHAPES, default="minilm-shape")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -405,6 +426,8 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--methods", nargs="+", choices=[*METHODS, *LOOP_METHODS], default=[*METHODS, *LOOP_METHODS])
     parser.add_argument("--rounds", type=int, default=1, help="run every method this many times, interleaved")
+    parser.add_argument("--measured", type=int, default=10,
+                        help="measured steps per run, after the warm-up (more: a policy's mean over more of its steps)")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run (1: CPU-time ratios hold to ~2%%)")
     parser.add_argument("--before", help="a git ref: run every method on that commit too, interleaved (a worktree)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -414,6 +437,7 @@ def main(argv=None):
     parser.add_argument("--_sharding", help=argparse.SUPPRESS)
     parser.add_argument("--_profiled_steps", type=int, help=argparse.SUPPRESS)
     cli = parser.parse_args(argv)
+    MEASURED = cli.measured
     if cli._one:
         with tempfile.TemporaryDirectory() as tmp:
             row = measure_launched(cli._one, cli, tmp) if cli._sharding else measure_one(

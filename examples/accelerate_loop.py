@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                         accelerator.process_index, config.rho_seed)
     engine = LETSEngine(model, optimizer, config, loss_fn=lambda model, batch: model(**batch).loss,
                         accelerator=accelerator, rho_batches=rho_batches, max_grad_norm=config.max_grad_norm,
-                        peak_lr=config.learning_rate)
+                        peak_lr=config.learning_rate, max_steps=max_steps)  # the run's length: AE-SAM's schedule
 
     # The next example to train on, counted over all processes: the same place on any number of them.
     position = {"epoch": 0, "examples_in_epoch": 0}

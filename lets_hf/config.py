@@ -12,6 +12,7 @@ configures `LETSEngine` alone in a loop without Trainer:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -20,11 +21,13 @@ from transformers.utils import is_torch_bf16_available_on_device, is_torch_bf16_
 from transformers.utils import logging
 
 from .errors import UsageError, setting, unset
+from .policies import SAM_POLICIES
 from .rules import available_rules
 from .rules.bisam import BISAM_SURROGATES
 
 SCOPES = ("global", "local")
 RHO_OPTIMIZERS = ("adam", "sgd")
+RHO_STEP_RULES = ("optimizer", "evidence")
 RHO_HESSIANS = ("diagonal", "exact", "identity")
 RHO_ESTIMATORS = ("one-step", "trace", "antithetic")
 RHO_OBJECTIVES = ("squared-gap", "val-loss")
@@ -54,6 +57,31 @@ class LETSArguments:
             (m-sharpness; no all-reduce in the first pass; not under FSDP2).
         asam_eta (`float`, defaults to `0.01`):
             η in ASAM's T = |θ| + η.
+
+        > SAM policy (on which steps SAM runs)
+
+        sam_policy (`str`, defaults to `"every"`):
+            Which optimizer steps take SAM (with any `sam_variant`); the others are plain steps on the
+            first pass's gradient, one pass instead of two (`lets_hf.policies`). `"every"`: all of them.
+            `"ae-sam"`: where ‖g‖² ≥ μ + c_t·σ, μ and σ² running estimates of ‖g‖²'s mean and
+            variance (AE-SAM). `"looksam"`: every `looksam_k`-th step; the steps between reuse the last
+            SAM gradient's component orthogonal to g (LookSAM; one more parameter-sized buffer).
+            `"random"`: with probability `random_sam_p` (SS-SAM). With `learn_rho`, ρ is updated on SAM
+            steps only. `"ae-sam"` and `"looksam"` need `sam_scope="global"`; BiSAM takes `"random"`.
+        ae_sam_decay (`float`, defaults to `0.9`):
+            δ of AE-SAM's running estimates: μ ← δ·μ + (1 − δ)·‖g‖², σ² ← δ·σ² + (1 − δ)·(‖g‖² − μ)².
+        ae_sam_c_start, ae_sam_c_end (`float`, defaults to `1.0` and `-1.0`):
+            AE-SAM's threshold coefficient c_t goes linearly from `ae_sam_c_start` at the first step
+            to `ae_sam_c_end` at the last: few SAM steps early, most late (about half overall).
+        looksam_k (`int`, defaults to `5`):
+            LookSAM takes SAM every k optimizer steps.
+        looksam_alpha (`float`, defaults to `0.7`):
+            α in LookSAM's g + α·(‖g‖/‖g_v‖)·g_v on the steps between.
+        random_sam_p (`float`, defaults to `0.5`):
+            Probability that a step takes SAM under `"random"`.
+        random_sam_seed (`int`, defaults to `42`):
+            Seed of `"random"`'s draws: the draw of step t depends on (seed, t) alone, so every rank
+            draws the same and a resumed run draws what the uninterrupted one would.
 
         > Learned radius (the upper level: LETS)
 
@@ -91,6 +119,14 @@ class LETSArguments:
             per-coordinate LightSAM 2e-7); in the log space 0.02 (2% of ρ per update).
         rho_optimizer (`str`, defaults to `"adam"`):
             `"adam"` (scale-free Adam on the scalar) or `"sgd"` (plain descent).
+        rho_step_rule (`str`, defaults to `"optimizer"`):
+            `"optimizer"`: the ρ optimizer steps on every update (the paper's). `"evidence"`: ρ moves only
+            when the hypergradients since its last move agree on a direction: after at least
+            `rho_evidence_min_updates` of them, once the t-statistic of their mean reaches
+            `rho_evidence_threshold`, ρ is divided or multiplied by `rho_evidence_factor` (`rho_optimizer`
+            and `rho_lr` are then unused; `lets_hf.evidence` gives the false-move rate).
+        rho_evidence_threshold, rho_evidence_min_updates, rho_evidence_factor (defaults to `3.0`, `100`, `2.0`):
+            The evidence rule's |t| to move, updates before the first test, and the move's factor.
         rho_min, rho_max (`float`, defaults to `0.0` and `10.0`):
             ρ is projected onto [rho_min, rho_max] after each update.
         rho_hessian (`str`, defaults to `"diagonal"`):
@@ -163,6 +199,31 @@ class LETSArguments:
         },
     )
     asam_eta: float = field(default=0.01, metadata={"help": "ASAM's η in T = |θ| + η."})
+    sam_policy: str = field(
+        default="every",
+        metadata={
+            "help": "Which steps take SAM (any rule): 'every', 'ae-sam' (where ‖g‖² is high for its running "
+            "mean and variance), 'looksam' (every looksam_k-th step, reusing its gradient between) or 'random' "
+            "(probability random_sam_p); the others are plain steps (one pass)."
+        },
+    )
+    ae_sam_decay: float = field(
+        default=0.9, metadata={"help": "δ of AE-SAM's running mean and variance of ‖g‖² (EMA), in (0, 1)."}
+    )
+    ae_sam_c_start: float = field(
+        default=1.0, metadata={"help": "AE-SAM's threshold coefficient c_t (SAM iff ‖g‖² ≥ μ + c_t·σ) at the first step."}
+    )
+    ae_sam_c_end: float = field(
+        default=-1.0, metadata={"help": "AE-SAM's c_t at the last step (linear in between)."}
+    )
+    looksam_k: int = field(default=5, metadata={"help": "LookSAM takes SAM every k optimizer steps."})
+    looksam_alpha: float = field(
+        default=0.7, metadata={"help": "LookSAM's α in g + α·(‖g‖/‖g_v‖)·g_v on the steps between SAM steps."}
+    )
+    random_sam_p: float = field(default=0.5, metadata={"help": "Probability of a SAM step under sam_policy='random'."})
+    random_sam_seed: int = field(
+        default=42, metadata={"help": "Seed of sam_policy='random' (step t's draw depends on the seed and t alone)."}
+    )
     learn_rho: bool = field(
         default=False, metadata={"help": "Learn ρ by hypergradient descent on the squared generalization gap (LETS)."}
     )
@@ -198,6 +259,22 @@ class LETSArguments:
         },
     )
     rho_optimizer: str = field(default="adam", metadata={"help": "ρ optimizer: 'adam' (scale-free) or 'sgd'."})
+    rho_step_rule: str = field(
+        default="optimizer",
+        metadata={
+            "help": "'optimizer': the ρ optimizer steps on every update (the paper's); 'evidence': ρ moves by "
+            "rho_evidence_factor only when the hypergradients since its last move are significant."
+        },
+    )
+    rho_evidence_threshold: float = field(
+        default=3.0, metadata={"help": "Evidence rule: the |t| of the hypergradients' mean that moves ρ."}
+    )
+    rho_evidence_min_updates: int = field(
+        default=100, metadata={"help": "Evidence rule: ρ updates since the last move before the first test."}
+    )
+    rho_evidence_factor: float = field(
+        default=2.0, metadata={"help": "Evidence rule: a move multiplies or divides ρ by this factor."}
+    )
     rho_min: float = field(default=0.0, metadata={"help": "Lower bound of ρ (projection)."})
     rho_max: float = field(default=10.0, metadata={"help": "Upper bound of ρ (projection)."})
     rho_hessian: str = field(
@@ -304,7 +381,10 @@ class LETSArguments:
         if self.sam_variant not in variants:
             raise UsageError(f"Unknown {setting('sam_variant')} {self.sam_variant!r}: choose one of {variants}.")
         _check_choice("sam_scope", self.sam_scope, SCOPES)
+        self._check_sam_policy()
         _check_choice("rho_optimizer", self.rho_optimizer, RHO_OPTIMIZERS)
+        _check_choice("rho_step_rule", self.rho_step_rule, RHO_STEP_RULES)
+        self._check_evidence_rule()
         _check_choice("rho_hessian", self.rho_hessian, RHO_HESSIANS)
         _check_choice("rho_estimator", self.rho_estimator, RHO_ESTIMATORS)
         _check_choice("rho_objective", self.rho_objective, RHO_OBJECTIVES)
@@ -376,6 +456,7 @@ class LETSArguments:
             )
         if self.sam_variant != "none" and fsdp_version == 2:
             check_fsdp2_settings(self)
+        self._check_launched_processes_join()
         if getattr(self, "fp16", False) and not _has_accelerator(self.use_cpu):
             raise UsageError(
                 f"{setting('fp16')} needs a GPU (its loss scaling runs on CUDA), and this run is on the CPU, where it "
@@ -383,12 +464,87 @@ class LETSArguments:
             )
 
 
+    def _check_launched_processes_join(self) -> None:
+        """Under torchrun on a machine without GPUs, TrainingArguments forms a process group only with `use_cpu`:
+        without it each launched process would train alone, every one writing to the same output_dir."""
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        any_accelerator = _has_accelerator(use_cpu=False) or torch.accelerator.is_available() or is_torch_xla_available()
+        if launched > 1 and getattr(self, "use_cpu", True) is False and not any_accelerator:
+            raise UsageError(
+                f"This process is one of {launched} launched together (WORLD_SIZE={launched}), and this machine has "
+                f"no GPU: without {setting('use_cpu', True)} TrainingArguments forms no process group, and each "
+                f"process would train alone, all writing to the same output_dir. Set {setting('use_cpu', True)} "
+                "(DDP over gloo on the CPU), or launch one process."
+            )
+
+    def _check_evidence_rule(self) -> None:
+        if self.rho_evidence_threshold <= 0 or self.rho_evidence_min_updates < 2 or self.rho_evidence_factor <= 1:
+            raise UsageError(
+                f"{setting('rho_evidence_threshold')} must be > 0, {setting('rho_evidence_min_updates')} >= 2 (a "
+                f"t-statistic needs two values) and {setting('rho_evidence_factor')} > 1, got "
+                f"{self.rho_evidence_threshold}, {self.rho_evidence_min_updates} and {self.rho_evidence_factor}."
+            )
+
+    def _check_sam_policy(self) -> None:
+        """The policy's own fields, and the rules and scopes where a policy cannot run exactly."""
+        _check_choice("sam_policy", self.sam_policy, SAM_POLICIES)
+        if not 0 < self.ae_sam_decay < 1:
+            raise UsageError(f"{setting('ae_sam_decay')} must be in (0, 1), got {self.ae_sam_decay}.")
+        if self.looksam_k < 1 or self.looksam_alpha < 0:
+            raise UsageError(
+                f"{setting('looksam_k')} must be >= 1 and {setting('looksam_alpha')} >= 0, got {self.looksam_k} and "
+                f"{self.looksam_alpha}."
+            )
+        if not 0 <= self.random_sam_p <= 1 or self.random_sam_seed < 0:
+            raise UsageError(
+                f"{setting('random_sam_p')} must be in [0, 1] and {setting('random_sam_seed')} >= 0, got "
+                f"{self.random_sam_p} and {self.random_sam_seed}."
+            )
+        policy = self.sam_policy
+        if policy == "every":
+            return
+        if self.sam_variant == "none":
+            raise UsageError(
+                f"{setting('sam_policy', policy)} chooses the steps that take SAM, and {setting('sam_variant', 'none')} "
+                f"takes none: use a rule (e.g. {setting('sam_variant', 'sam')}), or {setting('sam_policy', 'every')}."
+            )
+        if policy in ("ae-sam", "looksam") and self.sam_scope == "local":
+            raise UsageError(
+                f"{setting('sam_policy', policy)} needs {setting('sam_scope', 'global')}: "
+                + ("its decision reads the whole step's gradient norm, which the local scope does not have before it "
+                   "perturbs the first micro-batch" if policy == "ae-sam" else
+                   "its reused component is taken against the whole step's gradient, which the local scope never forms")
+                + f". Use {setting('sam_scope', 'global')}, or {setting('sam_policy', 'random')} for m-sharpness."
+            )
+        if policy in ("ae-sam", "looksam") and self.sam_variant == "bisam":
+            raise UsageError(
+                f"{setting('sam_policy', policy)} cannot run with {setting('sam_variant', 'bisam')}: BiSAM's first pass "
+                "is the gradient of its surrogate, not of the loss, so a plain step would need a second pass anyway "
+                + ("(AE-SAM decides after the first pass)" if policy == "ae-sam" else
+                   "(and LookSAM's reused component needs the loss's gradient at θ)")
+                + f". Use {setting('sam_policy', 'random')}, which decides before the first pass, or another rule."
+            )
+        if (policy == "looksam" and self.looksam_k > 1 and self.learn_rho and self.rho_estimator == "one-step"):
+            raise UsageError(
+                f"{setting('learn_rho', True)} with {setting('rho_estimator', 'one-step')} takes ∂θ/∂ρ through the "
+                "last step only, which is zero through a plain step; under "
+                f"{setting('sam_policy', 'looksam')} no SAM step follows another, so ρ would never be updated. Use "
+                f"{setting('rho_estimator', 'trace')} (which carries ∂θ/∂ρ across plain steps) or "
+                f"{setting('rho_estimator', 'antithetic')}, or another policy."
+            )
+
+
 #: `LETSArguments`' fields in the sections of its docstring, as `lets-hf <task> --help` lists them.
 FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     "Perturbation": ("sam_variant", "rho", "sam_scope", "asam_eta"),
+    "SAM policy (on which steps SAM runs)": (
+        "sam_policy", "ae_sam_decay", "ae_sam_c_start", "ae_sam_c_end", "looksam_k", "looksam_alpha", "random_sam_p",
+        "random_sam_seed",
+    ),
     "Learned radius (LETS)": (
         "learn_rho", "rho_estimator", "rho_trace_decay", "rho_antithetic_delta", "rho_antithetic_batches",
-        "rho_objective", "rho_update_space", "rho_lr", "rho_optimizer", "rho_min", "rho_max", "rho_hessian",
+        "rho_objective", "rho_update_space", "rho_lr", "rho_optimizer", "rho_step_rule", "rho_evidence_threshold",
+        "rho_evidence_min_updates", "rho_evidence_factor", "rho_min", "rho_max", "rho_hessian",
         "rho_update_interval", "rho_batch_size", "rho_val_fraction", "rho_seed", "rho_diagnostics_window",
     ),
     "LightSAM / BiSAM / BSAM": ("bisam_surrogate", "bisam_mu", "bisam_alpha", "bsam_rho_min"),

@@ -19,6 +19,10 @@ Per optimizer step (global scope, M accumulation micro-batches):
    bit-exactly from a backup;
 4. the optimizer steps; `after_optimizer_step` then turns the stored H·d into u = ∂θ_{t+1}/∂ρ.
 
+A `sam_policy` (`lets_hf.policies`) decides on which optimizer steps the perturbation and the second passes run;
+on the others, plain steps, the averaged g is the descent gradient (LookSAM adds its reused component) and ρ is
+not updated.
+
 Under FSDP2 every parameter-shaped tensor (g, ε, the backup, u) is a shard and every norm or inner
 product one scalar all-reduce (`lets_hf.tensor_lists`). In the local scope (DDP only) each micro-batch
 perturbs with its own (rank-local) gradient.
@@ -37,6 +41,7 @@ from .errors import UsageError
 from .hypergradient import Hypergradient
 from .nonfinite import NonFiniteGuard
 from .passes import LoopPasses, SingleProcess, synced_on_last
+from .policies import get_policy
 from .radius import Radius, check_optimizer_supported
 from .rules import get_rule, initial_rho
 from .tensor_lists import copy_, global_norm, trainable, trainable_with_grad
@@ -58,17 +63,20 @@ class LETSEngine:
         gradient_accumulation_steps: micro-batches per step without an accelerator (with one, its own).
         peak_lr: learning rate at the peak of the schedule (BSAM's min side follows lr/peak); default: the
             optimizer's initial learning rate.
+        max_steps: optimizer steps of the whole run; needed by `sam_policy="ae-sam"`, whose threshold follows the
+            run's progress (`LETSMixin` sets it from Trainer's state).
     """
 
     def __init__(self, model, optimizer, args, *, loss_fn=None, passes=None, accelerator=None, rho_batches=None,
-                 max_grad_norm: float = 0.0, gradient_accumulation_steps: int = 1, peak_lr: float | None = None):
+                 max_grad_norm: float = 0.0, gradient_accumulation_steps: int = 1, peak_lr: float | None = None,
+                 max_steps: int | None = None):
         args.check_lets_arguments()
         self.args, self.model, self.optimizer = args, model, optimizer
         self.accelerator = accelerator if accelerator is not None else SingleProcess(model, gradient_accumulation_steps)
         if passes is None and loss_fn is None:
             raise UsageError("LETSEngine needs loss_fn(model, batch) (or passes) to run a micro-batch.")
         self.passes = passes if passes is not None else LoopPasses(loss_fn, self.accelerator)
-        self.max_grad_norm, self.peak_lr = max_grad_norm, peak_lr
+        self.max_grad_norm, self.peak_lr, self.max_steps = max_grad_norm, peak_lr, max_steps
         self.rule = get_rule(args.sam_variant, args) if args.sam_variant != "none" else None
         self.nonfinite = NonFiniteGuard(args.nonfinite_patience)
         self.global_step = 0  # optimizer steps done; `LETSMixin` sets it from Trainer's state
@@ -97,6 +105,11 @@ class LETSEngine:
         self._first_losses: list[torch.Tensor] = []
         self._micro_batches = 0
         self.surrogate_pass = False  # BiSAM: the adapter's loss reads it (its first pass descends on ∇Q)
+        self.policy = get_policy(args, self.accelerator.device)  # which steps take SAM (`lets_hf.policies`)
+        self._sam_step: bool | None = None  # this step's decision (None: AE-SAM's, after the last first pass)
+        self._step_tracked = False  # this step carries ∂θ/∂ρ forward (`after_optimizer_step` finishes it)
+        if self.policy.decides_from_gradient and max_steps is None and passes is None:
+            self.policy.threshold_coefficient(0, None)  # raises: a plain loop must say how long the run is
         self.check_optimizer()
 
     @property
@@ -152,9 +165,12 @@ class LETSEngine:
         if self.rule is not None:
             if skipped or self.step_skipped:
                 self.radius.skip_step()
-            elif self.radius.tracks_step(self.global_step):
+                self.policy.skip_step(sam_step=self._sam_step is not False)
+            elif self._step_tracked:
                 params = trainable(self.model)[1]
                 self.radius.apply_descent_jacobian_(self.optimizer, params, self.radius.buffers_like(params))
+            elif self.radius.tracks_step(self.global_step):
+                self.radius.plain_step_untracked()
             self.radius.step_done()
         self.global_step += 1
 
@@ -171,6 +187,8 @@ class LETSEngine:
     # ------------------------------------------------------------------ the step
     def _global_step(self, model, batch):
         last_micro_batch = self.accelerator.sync_gradients
+        if not self._cached:  # the step's first micro-batch
+            self._begin_step()
         with self._first_pass_sync(model, last_micro_batch), self._first_pass():
             loss = self.passes.backward(model, batch)
         self._cached.append(batch)
@@ -181,11 +199,20 @@ class LETSEngine:
         names, params, grads = trainable_with_grad(model)
         if not self.sharded:
             self.average_grads(grads)
-        if self._unscale_(grads) is not None:
+        if self._sam_step is None:  # AE-SAM: the global gradient's norm decides, the same on every rank
+            grad_norm = global_norm(grads) * self.scale_inverse()
+            self._sam_step = self.policy.decide(self.global_step, grad_norm, self.max_steps)
+        if not self._sam_step:
+            if self.radius.antithetic and self.radius.update_due(self.global_step):  # its windows count every step
+                train_loss = torch.stack(self._first_losses).sum()
+                self.hypergradient.update_rho(model, params, grads, train_loss, self._cached, micro_batches=1)
+            self._plain_step(model, names, params, grads, cached=self._cached)
+        elif self._unscale_(grads) is not None:
             if self.radius.update_due(self.global_step):
                 train_loss = torch.stack(self._first_losses).sum()
                 self.hypergradient.update_rho(model, params, grads, train_loss, self._cached, micro_batches=1)
-            tracked = self._perturb_(names, params, grads, mean_of=1, first_micro_batch=True)
+            self.policy.keep_first_gradient_(names, grads)
+            tracked = self._step_tracked = self._perturb_(names, params, grads, mean_of=1, first_micro_batch=True)
             self.second_passes(model, self._cached)
             if tracked:
                 self.hypergradient.hessian_direction_(model, cached=self._cached)
@@ -193,8 +220,41 @@ class LETSEngine:
             self._min_side_passes(model, params)
             if tracked:
                 self.hypergradient.clip_coefficient(model)
+            self.policy.after_sam_step_(names, [p.grad for p in params])
+        self._record_sam_step()
         self._cached, self._first_losses = [], []
         return loss
+
+    def _begin_step(self) -> None:
+        """The policy's decision where it needs no gradient (`None`: AE-SAM decides after the first passes)."""
+        self._sam_step, self._step_tracked = self.policy.before_step(self.global_step), False
+
+    def _plain_step(self, model, names, params, grads, cached) -> None:
+        """A step the policy turned down, once its gradient is averaged: g (in `.grad`, at the loop's grad scale) is
+        the descent gradient, which the policy may change (LookSAM). ρ is not updated; the trace carries ∂θ/∂ρ
+        across, h ← μ·(I − A_t)·h with no d_t term (a plain step does not depend on ρ)."""
+        grad_norm = global_norm(grads)
+        inv_scale = self.scale_inverse()
+        if inv_scale != 1.0 and not torch.isfinite(grad_norm).item():
+            return  # fp16 overflow: the grad scaler skips the step
+        self.metrics.record("first_grad_norm", grad_norm * inv_scale)
+        self.nonfinite.observe(grad_norm)
+        self.policy.plain_step_(names, grads, grad_norm)
+        if self._trace_crosses_plain_step():
+            self.radius.begin_direction_(self.u_for(params))  # u ← μ·h_t, and nothing added: d_t = 0
+            self.hypergradient.hessian_direction_(model, cached=cached)
+            self.hypergradient.clip_coefficient(model)
+
+    def _trace_crosses_plain_step(self) -> bool:
+        """The trace estimator, with a trace to carry, on a plain step (sets `_step_tracked`)."""
+        crosses = bool(self.radius.trace_decay) and self.radius.u_valid and self.radius.tracks_step(self.global_step)
+        self._step_tracked = crosses
+        return crosses
+
+    def _record_sam_step(self) -> None:
+        """The log's `sam_step_share`: the share of SAM steps since the last log (with a policy other than `every`)."""
+        if self.policy.name != "every":
+            self.metrics.record("sam_step_share", torch.tensor(float(bool(self._sam_step))))
 
     def _first_pass_sync(self, model, last_micro_batch: bool):
         """DDP: no sync (g is all-reduced once, flat, afterwards). FSDP2: its reduce-scatter on the last
@@ -231,8 +291,8 @@ class LETSEngine:
 
     @contextlib.contextmanager
     def _first_pass(self):
-        """Rules with a surrogate objective (BiSAM) use it for the first pass only."""
-        self.surrogate_pass = self.rule.first_pass_loss is not None
+        """Rules with a surrogate objective (BiSAM) use it for the first pass only, of SAM steps only."""
+        self.surrogate_pass = self.rule.first_pass_loss is not None and self._sam_step is not False
         try:
             yield
         finally:
@@ -240,6 +300,10 @@ class LETSEngine:
 
     def _local_step(self, model, batch):
         """m-sharpness: this micro-batch's own gradient, kept apart from the accumulated descent gradient."""
+        if self._micro_batches == 0:
+            self._begin_step()  # `random` or `every`: the only policies of the local scope decide before the step
+        if not self._sam_step:
+            return self._plain_local_micro_batch(model, batch)
         names, params = trainable(model)
         accumulated = [p.grad for p in params]
         for p in params:
@@ -266,8 +330,24 @@ class LETSEngine:
             self._restore_(params)
         if self.accelerator.sync_gradients:
             if self.radius.tracks_step(self.global_step):
+                self._step_tracked = True
                 self.hypergradient.hessian_direction_(model, cached=None)
                 self.hypergradient.clip_coefficient(model)
+            self._record_sam_step()
+            self._micro_batches = 0
+        return loss
+
+    def _plain_local_micro_batch(self, model, batch):
+        """A micro-batch of a plain step in the local scope: the loop's own backward (DDP syncs on the last one)."""
+        first_micro_batch, self._micro_batches = self._micro_batches == 0, self._micro_batches + 1
+        loss = self.passes.backward(model, batch)
+        if first_micro_batch and self.radius.antithetic and self.radius.update_due(self.global_step):
+            micro_batches = self.passes.accumulation_steps()
+            self.hypergradient.update_rho(model, None, None, loss * micro_batches, [batch], micro_batches)
+        if self.accelerator.sync_gradients:
+            names, params, grads = trainable_with_grad(model)
+            self._plain_step(model, names, params, grads, cached=None)
+            self._record_sam_step()
             self._micro_batches = 0
         return loss
 
@@ -343,6 +423,7 @@ class LETSEngine:
             "rho_batches": batches.state_dict() if batches is not None else None,
             "global_step": self.global_step,
             "metrics": self.metrics.state_dict(),
+            "policy": self.policy.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -355,3 +436,5 @@ class LETSEngine:
             self.hypergradient.rho_batches.load_state_dict(state["rho_batches"])
         if "metrics" in state:  # absent in older checkpoints: the first log then covers the steps since the checkpoint
             self.metrics.load_state_dict(state["metrics"])
+        if "policy" in state:  # absent in checkpoints from before sam_policy
+            self.policy.load_state_dict(state["policy"])

@@ -63,6 +63,8 @@ class Hypergradient:
         self.engine.metrics.record("gen_gap", gap)
         self.engine.metrics.record("rho_inner", self.engine.radius.last_inner)
         self.engine.metrics.record("rho_grad", self.engine.radius.last_grad)
+        if self.engine.radius.evidence is not None:  # how close the evidence since ρ's last move is to moving it
+            self.engine.metrics.record("rho_evidence_t", self.engine.radius.evidence.last_t)
 
     def _antithetic_boundary(self, model, train_loss) -> None:
         """A window boundary of the antithetic estimator: the validation loss on its fixed batches, in eval mode."""

@@ -248,6 +248,7 @@ class _EngineSteps(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.trainer.engine.optimizer = self.trainer.optimizer
+        self.trainer.engine.max_steps = state.max_steps  # the run's length (AE-SAM's threshold schedule)
         self.trainer.engine.check_optimizer()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):

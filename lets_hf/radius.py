@@ -27,6 +27,7 @@ import math
 import torch
 
 from .diagnostics import HypergradientMonitor
+from .evidence import EvidenceGate
 from .errors import UsageError, setting
 from .tensor_lists import copy_, global_norm
 
@@ -61,6 +62,10 @@ class Radius:
         self.window_start_loss = torch.zeros((), dtype=torch.float64, device=device)  # antithetic only
         self.first_window_change = torch.zeros((), dtype=torch.float64, device=device)
         self.monitor = HypergradientMonitor(args.rho_diagnostics_window, device)
+        self.evidence = (
+            EvidenceGate(args.rho_evidence_threshold, args.rho_evidence_min_updates, args.rho_evidence_factor, device)
+            if args.rho_step_rule == "evidence" else None
+        )
         self._before_update: list[torch.Tensor] | None = None
 
     # -- when to do the work ---------------------------------------------------------
@@ -175,10 +180,23 @@ class Radius:
         self._record_and_step(gap, inner, grad * self.value if self.log_space else grad)  # log space: dF/d log ρ
 
     def _record_and_step(self, gap: torch.Tensor, inner: torch.Tensor, grad: torch.Tensor) -> None:
-        """One step of the ρ optimizer on `grad` (of ρ, or of log ρ in the log space), with the diagnostics."""
+        """One step of the ρ optimizer on `grad` (of ρ, or of log ρ in the log space), or of the evidence rule, with
+        the diagnostics."""
         self.last_grad, self.last_inner = grad.double(), inner.double()
         self.monitor.observe(gap, inner, grad)
         self._before_update = [t.clone() for t in self._scalars()]
+        if self.evidence is not None:
+            self.evidence.step_(self.value, grad.double())
+        else:
+            self._optimizer_step_(grad)
+        self.value.clamp_(self.args.rho_min, self.args.rho_max)
+        finite = torch.isfinite(gap) & torch.isfinite(grad) & torch.isfinite(self.value)
+        for tensor, before in zip(self._scalars(), self._before_update):
+            tensor.copy_(torch.where(finite, tensor, before))
+        self.skipped_updates += (~finite).to(self.skipped_updates.dtype)
+
+    def _optimizer_step_(self, grad: torch.Tensor) -> None:
+        """ρ (log ρ in the log space) ← itself − lr · the ρ optimizer's direction for `grad`."""
         if self.args.rho_optimizer == "adam":
             beta1, beta2 = ADAM_BETAS
             self.step += 1
@@ -193,11 +211,6 @@ class Radius:
             self.value.mul_(torch.exp(-self.lr * direction))
         else:
             self.value.sub_(self.lr * direction)
-        self.value.clamp_(self.args.rho_min, self.args.rho_max)
-        finite = torch.isfinite(gap) & torch.isfinite(grad) & torch.isfinite(self.value)
-        for tensor, before in zip(self._scalars(), self._before_update):
-            tensor.copy_(torch.where(finite, tensor, before))
-        self.skipped_updates += (~finite).to(self.skipped_updates.dtype)
 
     def skip_step(self) -> None:
         """The optimizer skipped this step (fp16 overflow, non-finite step): undo this step's ρ update and drop u."""
@@ -206,11 +219,17 @@ class Radius:
                 tensor.copy_(saved)
         self.u_valid = False
 
+    def plain_step_untracked(self) -> None:
+        """A plain step (`sam_policy`) where this estimator would have tracked ∂θ/∂ρ: the one-step estimator's
+        u_t = ∂θ_{t+1}/∂ρ through a plain step is zero, so the update that would read it, whose dF/dρ is then 0,
+        is skipped; a trace not yet started stays so."""
+        self.u_valid = False
+
     def step_done(self) -> None:
         self._before_update = None
 
     def _scalars(self) -> list[torch.Tensor]:
-        return [self.value, self.step, self.exp_avg, self.exp_avg_sq]
+        return [self.value, self.step, self.exp_avg, self.exp_avg_sq, *(self.evidence.tensors() if self.evidence else [])]
 
     # -- checkpointing -----------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -225,6 +244,7 @@ class Radius:
             "monitor": self.monitor.state_dict(),
             "window_start_loss": self.window_start_loss,
             "first_window_change": self.first_window_change,
+            "evidence": self.evidence.tensors() if self.evidence is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -238,6 +258,9 @@ class Radius:
             self.monitor.load_state_dict(state["monitor"])
             self.window_start_loss.copy_(state["window_start_loss"])
             self.first_window_change.copy_(state["first_window_change"])
+        if self.evidence is not None and state.get("evidence") is not None:  # absent before the evidence rule
+            for tensor, saved in zip(self.evidence.tensors(), state["evidence"]):
+                tensor.copy_(saved)
 
 
 def descent_jacobian_(optimizer, group: dict, params: list[torch.Tensor], tangents: list[torch.Tensor]) -> None:

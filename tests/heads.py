@@ -36,6 +36,15 @@ ESTIMATORS = {
         rho_estimator="antithetic", rho_update_space="log", rho_antithetic_batches=1, rho_optimizer="adam", rho_lr=0.1
     ),
 }
+#: LETS-SAM under each cheap `sam_policy` (each run as the "lets-sam" case with these fields): the 3 steps mix SAM and
+#: plain steps, and ρ is updated once (SAM_STEPS; the tests check both). LookSAM (k = 2: SAM at 0 and 2) needs the
+#: trace, which carries ∂θ/∂ρ across its plain step; the other two update ρ at step 1, after the SAM step 0.
+POLICIES = {
+    "ae-sam": dict(sam_policy="ae-sam", ae_sam_decay=0.5, ae_sam_c_start=-1.0, ae_sam_c_end=1.0),
+    "looksam": dict(sam_policy="looksam", looksam_k=2, **ESTIMATORS["trace"]),
+    "random": dict(sam_policy="random", random_sam_seed=11),
+}
+SAM_STEPS = {"ae-sam": [1, 1, 0], "looksam": [1, 0, 1], "random": [1, 1, 0]}
 GLOBAL_BATCH = 8
 STEPS = 3
 #: SGD step of ρ per head, sized to the hypergradients of these models so that ρ moves by 10-40%.
@@ -181,6 +190,7 @@ def train(
     return {
         "theta": flat_parameters(trainer.model),
         "rho": trainer.rho,
+        "sam_steps": [int(entry.get("sam_step_share", 1)) for entry in logs],  # one log per step in these runs
         "loss": [entry["loss"] for entry in logs],
         "gen_gap": [entry["gen_gap"] for entry in logs if "gen_gap" in entry],
         "log_history": trainer.state.log_history,

@@ -38,7 +38,8 @@ def plain_loop(head: str, case: str, batch: int, accumulation: int = 1, accelera
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     rho_batches = RhoBatches(validation_rows(head), default_data_collator, args.rho_batch_size, world, rank, args.rho_seed)
     engine = LETSEngine(model, optimizer, args, loss_fn=lambda model, batch: model(**batch).loss, accelerator=accelerator,
-                        rho_batches=rho_batches if learn_rho else None, gradient_accumulation_steps=accumulation)
+                        rho_batches=rho_batches if learn_rho else None, gradient_accumulation_steps=accumulation,
+                        max_steps=len(loader) // accumulation)  # the whole run's, also when `steps` stops it early
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.distributed.launch import launch
-from tests.heads import CASES, ESTIMATORS, EXPECTED_NORMALIZATION, GLOBAL_BATCH, HEADS, train
+from tests.heads import CASES, ESTIMATORS, EXPECTED_NORMALIZATION, GLOBAL_BATCH, HEADS, POLICIES, SAM_STEPS, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,3 +57,17 @@ def test_two_ranks_equal_one_rank_with_the_new_estimators(two_ranks, tmp_path, o
     torch.testing.assert_close(ranks[0]["theta"], one["theta"], rtol=1e-6, atol=1e-7)
     assert ranks[0]["rho"] == pytest.approx(one["rho"], rel=1e-9) and abs(one["rho"] - 0.05) > 1e-3
     assert ranks[0]["gen_gap"] == pytest.approx(one["gen_gap"], rel=1e-6, abs=2e-6)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_two_ranks_equal_one_rank_with_each_sam_policy(two_ranks, tmp_path, one_thread, policy):
+    """Every rank takes the same branch (AE-SAM reads the gradient averaged over ranks, the random draw is the
+    seed's, LookSAM counts steps), and 2 processes equal 1 with the same global batch, θ, ρ and which steps took SAM."""
+    ranks = [results[f"bert-classification/{policy}"] for results in two_ranks]
+    assert all(run["world"] == 2 for run in ranks)
+    assert ranks[0]["sam_steps"] == ranks[1]["sam_steps"] == SAM_STEPS[policy]  # both kinds of step, on both ranks
+    assert ranks[1]["rho"] == ranks[0]["rho"] and torch.equal(ranks[1]["theta"], ranks[0]["theta"])
+    one = train("bert-classification", "lets-sam", str(tmp_path), batch=GLOBAL_BATCH, **POLICIES[policy])
+    assert one["sam_steps"] == SAM_STEPS[policy]
+    torch.testing.assert_close(ranks[0]["theta"], one["theta"], rtol=1e-6, atol=1e-7)
+    assert ranks[0]["rho"] == pytest.approx(one["rho"], rel=1e-6) and abs(one["rho"] - 0.05) > 1e-3

@@ -11,7 +11,7 @@ import torch
 
 from tests.distributed.launch import launch
 from tests.distributed.train_fsdp2 import RUNS, SFT_RUN
-from tests.heads import STEPS
+from tests.heads import POLICIES, SAM_STEPS, STEPS
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE_CONFIG = HERE.parents[1] / "examples" / "accelerate_fsdp2.yaml"
@@ -68,6 +68,17 @@ def test_fsdp2_reduces_each_pass_once(fsdp2, run):
     assert sharded["reduce_scatters"] == backwards * sharded["fsdp_units"]
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fsdp2_takes_the_same_sam_steps_as_ddp_and_reduces_a_plain_steps_gradient_once(ddp, fsdp2, policy):
+    """Both ranks and both modes take SAM on the same steps (AE-SAM's norm is the sharded gradient's, one all-reduce),
+    and a plain step costs one synced backward: 3 first passes, 2 second passes, 1 validation gradient."""
+    run = f"bert-classification/policy-{policy}"
+    sharded = fsdp2[0][run]
+    assert sharded["sam_steps"] == fsdp2[1][run]["sam_steps"] == ddp[0][run]["sam_steps"] == SAM_STEPS[policy]
+    assert abs(sharded["rho"] - 0.05) > 1e-3  # the one ρ update happened
+    assert sharded["reduce_scatters"] == (STEPS + sum(SAM_STEPS[policy]) + 1) * sharded["fsdp_units"]
+
+
 def test_fsdp2_equals_ddp_in_trl_sft(ddp, fsdp2):
     """TRL's SFTTrainer with LETS-SAM (float32 tiny Llama): FSDP2 = DDP to float32 rounding, TRL's token count too."""
     sharded, whole = fsdp2[0][SFT_RUN], ddp[0][SFT_RUN]
@@ -96,9 +107,9 @@ def resumed(tmp_path_factory):
     return _launch(tmp_path_factory.mktemp("resume"), "--mode", "fsdp2", "--resume")
 
 
-@pytest.mark.parametrize("case", ["FULL_STATE_DICT", "SHARDED_STATE_DICT", "trace"])
+@pytest.mark.parametrize("case", ["FULL_STATE_DICT", "SHARDED_STATE_DICT", "trace", "looksam"])
 def test_fsdp2_resume_is_exact(resumed, case):
-    """Both checkpoint formats with the paper's estimator, and the trace estimator (sharded format)."""
+    """Both checkpoint formats with the paper's estimator, the trace estimator and LookSAM's g_v (sharded format)."""
     for rank in resumed:
         runs = rank[case]
         assert "lets_state_shards" in runs["files"]  # u is sharded: Distributed Checkpoint's format

@@ -15,44 +15,43 @@ import pytest
 import torch
 
 from tests.distributed.launch import launch
-from tests.distributed.train_world_sizes import CASES
+from tests.distributed.train_world_sizes import CASES, MODES
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "train_world_sizes.py"
-MODES = ("ddp", "fsdp2")
 #: (written on, resumed on)
 MOVES = [(2, 1), (1, 2), (2, 4)]
 
 pytestmark = pytest.mark.distributed
 
 
-def _launch(out: Path, processes: int, mode: str, *args: str) -> list[dict]:
-    launch(SCRIPT, "--out", str(out), "--mode", mode, *args, processes=processes, torchrun=True)
+def _launch(out: Path, processes: int, *args: str) -> list[dict]:
+    launch(SCRIPT, "--out", str(out), *args, processes=processes, torchrun=True)
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(processes)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """(mode, processes) -> the launch's outputs and its ranks' results: straight on 1 and on 2 processes (the
-    latter also resuming the 1-process checkpoints), then resumed from 2 on 1 (with the refusals) and on 4."""
-    root, runs = tmp_path_factory.mktemp("world_sizes"), {}
-    for mode in MODES:
-        one, two = root / f"{mode}-1", root / f"{mode}-2"
-        runs[mode, "1 straight"] = _launch(one, 1, mode, "--straight")
-        runs[mode, "2"] = _launch(two, 2, mode, "--straight", "--resume-from", str(one))
-        refusals = ("--refusals",) if mode == "ddp" else ()
-        runs[mode, "1 resumed"] = _launch(root / f"{mode}-1-resumed", 1, mode, "--resume-from", str(two), *refusals)
-        runs[mode, "4"] = _launch(root / f"{mode}-4", 4, mode, "--resume-from", str(two))
-        runs[mode, "files"] = sorted(path.name for path in (two / "straight" / "paper" / "checkpoint-2").iterdir())
-    return runs
+    """processes -> the ranks' results, DDP and FSDP2 alike: straight on 1 and on 2 processes (the latter also
+    resuming the 1-process checkpoints), then resumed from 2 on 1 (with the refusals) and on 4."""
+    root = tmp_path_factory.mktemp("world_sizes")
+    one, two = root / "1", root / "2"
+    return {
+        "1 straight": _launch(one, 1, "--straight"),
+        "2": _launch(two, 2, "--straight", "--resume-from", str(one)),
+        "1 resumed": _launch(root / "1-resumed", 1, "--resume-from", str(two), "--refusals"),
+        "4": _launch(root / "4", 4, "--resume-from", str(two)),
+        "files": {mode: sorted(path.name for path in (two / mode / "straight" / "paper" / "checkpoint-2").iterdir())
+                  for mode in MODES},
+    }
 
 
-def _straight(runs, mode: str, processes: int) -> list[dict]:
-    return runs[mode, "1 straight"] if processes == 1 else runs[mode, "2"]
+def _straight(runs, processes: int) -> list[dict]:
+    return runs["1 straight"] if processes == 1 else runs["2"]
 
 
-def _resumed(runs, mode: str, processes: int) -> list[dict]:
-    return {1: runs[mode, "1 resumed"], 2: runs[mode, "2"], 4: runs[mode, "4"]}[processes]
+def _resumed(runs, processes: int) -> list[dict]:
+    return {1: runs["1 resumed"], 2: runs["2"], 4: runs["4"]}[processes]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -60,9 +59,11 @@ def _resumed(runs, mode: str, processes: int) -> list[dict]:
 @pytest.mark.parametrize("mode", MODES)
 def test_a_checkpoint_resumes_on_another_number_of_processes(runs, mode, move, case):
     written_on, resumed_on = move
-    straight = _straight(runs, mode, written_on)[0][f"straight/{case}"]
-    ranks = [rank[f"resumed/{case}"] for rank in _resumed(runs, mode, resumed_on)]
+    straight = _straight(runs, written_on)[0][f"{mode}/straight/{case}"]
+    ranks = [rank[f"{mode}/resumed/{case}"] for rank in _resumed(runs, resumed_on)]
     assert straight["world"] == written_on and all(rank["world"] == resumed_on for rank in ranks)
+    sharded = {"ddp": "Parameter", "fsdp2": "DTensor"}[mode]  # each launch runs DDP, then FSDP2
+    assert straight["parameter_type"] == ranks[0]["parameter_type"] == sharded
     assert all(rank["rho"] == ranks[0]["rho"] for rank in ranks)  # one ρ on every rank
     assert straight["rho"] != 0.05  # ρ was learned, before and after the checkpoint
     # transformers' causal-LM loss casts the logits to float32 (`logits.float()`): GPT-2's sums in another order
@@ -75,10 +76,10 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(runs, mode, move, c
 def test_the_engine_state_is_one_file_under_ddp_and_resharded_shards_under_fsdp2(runs):
     """No per-rank files: under DDP one `lets_state.pt` any number of processes reads; under FSDP2 the shards of
     ∂θ/∂ρ in Distributed Checkpoint's format, beside Trainer's own sharded model and optimizer."""
-    assert {"lets_state.pt", "lets_layout.json"} <= set(runs["ddp", "files"])
-    assert "lets_state_shards" not in runs["ddp", "files"]
-    assert {"lets_state.pt", "lets_layout.json", "lets_state_shards", "pytorch_model_fsdp_0"} <= set(runs["fsdp2", "files"])
-    assert not [name for mode in MODES for name in runs[mode, "files"] if name.startswith("lets_state_rank")]
+    files = runs["files"]
+    assert {"lets_state.pt", "lets_layout.json"} <= set(files["ddp"]) and "lets_state_shards" not in files["ddp"]
+    assert {"lets_state.pt", "lets_layout.json", "lets_state_shards", "pytorch_model_fsdp_0"} <= set(files["fsdp2"])
+    assert not [name for mode in MODES for name in files[mode] if name.startswith("lets_state_rank")]
 
 
 @pytest.mark.parametrize("refused, says", [
@@ -88,4 +89,4 @@ def test_the_engine_state_is_one_file_under_ddp_and_resharded_shards_under_fsdp2
     ("fsdp2", "it was written without FSDP2 and this run is under it"),
 ])
 def test_a_resume_that_cannot_continue_the_run_is_refused(runs, refused, says):
-    assert says in runs["ddp", "1 resumed"][0]["refused"][refused]
+    assert says in runs["1 resumed"][0]["refused"][refused]

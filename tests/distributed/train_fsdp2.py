@@ -1,8 +1,8 @@
 """Launched by tests/distributed/test_fsdp2.py with 2 processes: trains real heads under DDP or FSDP2
 (`--mode`, FSDP2 through the CPU harness `fsdp_on_cpu`), accumulation 2, and saves each rank's results.
 
-Default: runs of every rule (SAM, ASAM, BSAM, BiSAM, LightSAM; ρ fixed and learned) and LETS-SAM in bf16,
-to compare the two modes. `--resume`: LETS-SAM with AdamW saved
+Default: runs of every rule (SAM, ASAM, BSAM, BiSAM, LightSAM; ρ fixed and learned), LETS-SAM under each SAM
+policy and LETS-SAM in bf16, to compare the two modes. `--resume`: LETS-SAM with AdamW saved
 at step 2 and resumed, in both of Trainer's FSDP checkpoint formats. `--mode accelerate_config`: FSDP
 comes from `accelerate launch --config_file` (environment variables), not from `TrainingArguments`;
 with `--refused`, building the trainer must fail with that message.
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lets_hf.errors import UsageError  # noqa: E402
 from tests.distributed import fsdp_on_cpu  # noqa: E402
 from tests.distributed.launch import leave_together  # noqa: E402
-from tests.heads import ESTIMATORS, GLOBAL_BATCH, flat_parameters, lora_llama, train  # noqa: E402
+from tests.heads import ESTIMATORS, GLOBAL_BATCH, POLICIES, flat_parameters, lora_llama, train  # noqa: E402
 
 ACCUMULATION = 2
 #: name -> (head, case of tests.heads, overrides)
@@ -30,6 +30,7 @@ RUNS = {
     "bert-classification/asam": ("bert-classification", "sam", {"sam_variant": "asam", "rho": 0.5}),
     "bert-classification/lets-sam": ("bert-classification", "lets-sam", {}),
     **{f"bert-classification/lets-sam-{name}": ("bert-classification", "lets-sam", fields) for name, fields in ESTIMATORS.items()},
+    **{f"bert-classification/policy-{name}": ("bert-classification", "lets-sam", fields) for name, fields in POLICIES.items()},
     "gpt2/lets-sam": ("gpt2", "lets-sam", {}),
     "bert-regression/lets-sam": ("bert-regression", "lets-sam", {}),
     "bert-classification/lets-bisam": ("bert-classification", "lets-sam", {"sam_variant": "bisam"}),
@@ -142,14 +143,16 @@ def sft_run(cli, world: int) -> dict:
 
 def resume_runs(cli, world: int) -> dict:
     """4 AdamW steps straight through, and resumed from the checkpoint at step 2 (optimizer state, each rank's
-    shard of u), for Trainer's two FSDP checkpoint formats, and for the trace estimator (each rank's shard of h)."""
+    shard of u), for Trainer's two FSDP checkpoint formats, for the trace estimator (each rank's shard of h), and for
+    LookSAM (k = 3: step 2, after the checkpoint, reuses the g_v of step 0, each rank's shard of it)."""
     results = {}
-    cases = {"FULL_STATE_DICT": {}, "SHARDED_STATE_DICT": {}, "trace": ESTIMATORS["trace"]}
+    cases = {"FULL_STATE_DICT": {}, "SHARDED_STATE_DICT": {}, "trace": ESTIMATORS["trace"],
+             "looksam": {**POLICIES["looksam"], "looksam_k": 3}}
     for name, estimator in cases.items():
         settings = dict(
             batch=GLOBAL_BATCH // world // ACCUMULATION, accumulation=ACCUMULATION, optim="adamw_torch",
             learning_rate=1e-3, rho_optimizer="adam", rho_lr=0.01, max_steps=4, save_strategy="steps", save_steps=2,
-            **fsdp2(RESUMED, "SHARDED_STATE_DICT" if name == "trace" else name),
+            **fsdp2(RESUMED, name if name.endswith("STATE_DICT") else "SHARDED_STATE_DICT"),
         ) | estimator
         out = Path(cli.out) / name
         straight = train(RESUMED, "lets-sam", str(out / "straight"), **settings)

@@ -1,6 +1,6 @@
 """Launched by tests/distributed/test_ddp_real_heads.py with 2 processes: trains every real head in
-every case of `tests.heads`, with `average_tokens_across_devices` on and off, and saves each
-rank's results in one file."""
+every case of `tests.heads`, with `average_tokens_across_devices` on and off (and the new estimators and the SAM
+policies on one head), and saves each rank's results in one file."""
 
 import argparse
 import sys
@@ -12,7 +12,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.distributed.launch import leave_together  # noqa: E402
-from tests.heads import CASES, ESTIMATORS, GLOBAL_BATCH, HEADS, train  # noqa: E402
+from tests.heads import CASES, ESTIMATORS, GLOBAL_BATCH, HEADS, POLICIES, train  # noqa: E402
 
 
 def main():
@@ -34,11 +34,11 @@ def main():
                 run["normalization"] = run["normalization"].kind
                 del run["model"]
                 results[key] = run
-    for estimator, fields in ESTIMATORS.items():  # the new estimators on one head, tokens averaged
-        run = train("bert-classification", "lets-sam", str(Path(cli.out) / estimator), batch=GLOBAL_BATCH // world, **fields)
+    for name, fields in {**ESTIMATORS, **POLICIES}.items():  # the new estimators and the policies on one head
+        run = train("bert-classification", "lets-sam", str(Path(cli.out) / name), batch=GLOBAL_BATCH // world, **fields)
         run["normalization"] = run["normalization"].kind
         del run["model"]
-        results[f"bert-classification/{estimator}"] = run
+        results[f"bert-classification/{name}"] = run
     torch.save(results, Path(cli.out) / f"rank{dist.get_rank() if dist.is_initialized() else 0}.pt")
     leave_together()
 

@@ -1,5 +1,5 @@
 """Launched by tests/distributed/test_world_sizes.py on 1, 2 or 4 processes (torchrun, gloo): LETSTrainer runs that
-save at step 2 of 4, and runs that resume from another world size's checkpoint, under DDP and under FSDP2 (the
+save at step 2 of 4, and runs that resume from another world size's checkpoint, under DDP and then under FSDP2 (the
 CPU harness `fsdp_on_cpu`, Trainer's sharded checkpoint format), each with a global batch of 8.
 
 `--straight`: the uninterrupted runs, saving `checkpoint-2`. `--resume-from DIR`: the same runs resumed from DIR's
@@ -40,6 +40,7 @@ CASES = {
     "gpt2": ("gpt2", {}),
 }
 LAYERS = {"bert-classification": "BertLayer", "gpt2": "GPT2Block"}
+MODES = ("ddp", "fsdp2")
 
 
 def fsdp2(head: str) -> dict:
@@ -54,6 +55,7 @@ def run(out: Path, mode: str, world: int, case: str, resume: Path | None = None,
     done = train(head, "lets-sam", str(out), batch=batch, accumulation=accumulation,
                  resume=str(resume / "checkpoint-2") if resume else None, **settings)
     return {"theta": done["theta"], "rho": done["rho"], "world": done["world"],
+            "parameter_type": type(next(done["model"].parameters())).__name__,
             "files": sorted(os.listdir(out / "checkpoint-2")) if (out / "checkpoint-2").is_dir() else []}
 
 
@@ -81,25 +83,26 @@ def refusals(out: Path, world: int, source: Path) -> dict[str, str]:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--mode", choices=["ddp", "fsdp2"], required=True)
     parser.add_argument("--straight", action="store_true", help="the uninterrupted runs, saving checkpoint-2")
     parser.add_argument("--resume-from", type=Path, help="a --straight launch's --out, on another world size")
-    parser.add_argument("--refusals", action="store_true", help="with --resume-from (DDP): the resumes to refuse")
+    parser.add_argument("--refusals", action="store_true", help="with --resume-from: the resumes to refuse")
     cli = parser.parse_args()
     torch.set_num_threads(1)
     fsdp_on_cpu.enable()
     world = int(os.environ.get("WORLD_SIZE", 1))
     results = {}
-    for case in CASES:
-        if cli.straight:
-            results[f"straight/{case}"] = run(cli.out / "straight" / case, cli.mode, world, case)
-        if cli.resume_from:
-            results[f"resumed/{case}"] = run(cli.out / "resumed" / case, cli.mode, world, case,
-                                             cli.resume_from / "straight" / case)
-    if cli.straight and cli.mode == "ddp" and world > 1:  # its state is each rank's own: refused on another world
-        results["straight/local"] = run(cli.out / "straight" / "local", cli.mode, world, "paper", sam_scope="local")
-    if cli.refusals:
-        results["refused"] = refusals(cli.out / "refused", world, cli.resume_from / "straight")
+    for mode in MODES:  # DDP first: the harness keeps FSDP2 once a run has used it
+        out, source = cli.out / mode, cli.resume_from / mode if cli.resume_from else None
+        for case in CASES:
+            if cli.straight:
+                results[f"{mode}/straight/{case}"] = run(out / "straight" / case, mode, world, case)
+            if source:
+                results[f"{mode}/resumed/{case}"] = run(out / "resumed" / case, mode, world, case,
+                                                        source / "straight" / case)
+        if cli.straight and mode == "ddp" and world > 1:  # its state is each rank's own: refused on another world
+            results["ddp/straight/local"] = run(out / "straight" / "local", mode, world, "paper", sam_scope="local")
+        if cli.refusals and mode == "ddp":
+            results["refused"] = refusals(out / "refused", world, source / "straight")
     torch.save(results, cli.out / f"rank{dist.get_rank() if dist.is_initialized() else 0}.pt")
     leave_together()
 

@@ -3,6 +3,8 @@ half-written checkpoints. Each ends in a correct run or a clear error."""
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -219,3 +221,15 @@ def test_a_plain_trainer_checkpoint_is_refused_for_learned_rho(tmp_path, make_ar
     _checkpointing_trainer(out, make_args, sam_variant="none", learn_rho=False).train()
     with pytest.raises(UsageError, match="lets_state.pt is missing: this checkpoint was not written by LETSTrainer"):
         _checkpointing_trainer(out, make_args).train(resume_from_checkpoint=str(out / "checkpoint-3"))
+
+
+def test_processes_launched_together_on_a_cpu_machine_without_use_cpu_are_refused(tmp_path):
+    """torchrun on a machine without GPUs: TrainingArguments then forms no process group (each process has
+    world_size 1) unless use_cpu, so each process would train alone, all writing to one output_dir."""
+    script = tmp_path / "config.py"
+    script.write_text(f"from lets_hf import LETSConfig\nLETSConfig(output_dir={str(tmp_path)!r}, report_to='none')\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("one of 2 launched together (WORLD_SIZE=2)") == 2  # both ranks
+    assert "Set use_cpu=True" in done.stderr

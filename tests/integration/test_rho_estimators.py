@@ -50,8 +50,9 @@ def _sam_direction(g):
     return {n: v / (norm + 1e-12) for n, v in g.items()}
 
 
-def reference_hypergradient(optimizer: str, decay: float, objective: str) -> float:
-    """dF/dρ at θ_3 by autograd through the unrolled steps (see the module docstring)."""
+def reference_hypergradient(optimizer: str, decay: float, objective: str, plain_steps=()) -> float:
+    """dF/dρ at θ_3 by autograd through the unrolled steps (see the module docstring); the steps in `plain_steps`
+    take no SAM (`sam_policy`): θ_{t+1} = θ'_t − η·P_t(∇L(B_t; θ'_t))."""
     model = build_model(HEAD)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     rho = torch.tensor(RHO, dtype=torch.float64, requires_grad=True)
@@ -61,7 +62,8 @@ def reference_hypergradient(optimizer: str, decay: float, objective: str) -> flo
         fixed = {n: p.detach().requires_grad_() for n, p in theta.items()}
         d = _sam_direction(_grad(model, fixed, batch))
         traced = {n: decay * theta[n] + (1 - decay) * theta[n].detach() for n in theta}
-        descent = _grad(model, {n: traced[n] + rho * d[n] for n in theta}, batch, create_graph=True)
+        radius = 0.0 if t in plain_steps else rho
+        descent = _grad(model, {n: traced[n] + radius * d[n] for n in theta}, batch, create_graph=True)
         if optimizer == "sgd":
             theta = {n: traced[n] - LR * descent[n] for n in theta}
             continue
