@@ -6,7 +6,8 @@ for the SIGTERM that the test sends to torchrun.
         [--kill second-pass|checkpoint-write|sigterm --step K --rank R] [-- the program's flags]
 
 Programs (`--out` is their output folder; every one resumes with `auto`, so one command serves every start):
-- `trainer`: `LETSTrainer` on `tests.heads`' BERT classification head (float64, no dropout) with a learned ρ,
+- `trainer`: `LETSTrainer` on a `tests.heads` head (`--head`: BERT classification, or GPT-2, a causal LM; float64, no
+  dropout) with a learned ρ,
   `resume_from_checkpoint="auto"`, a checkpoint every 2 steps; each rank saves its final θ and ρ (`final_rank<r>.pt`);
 - `loop`: `examples/accelerate_loop.py` (its flags after `--`);
 - `lets-hf`: `lets-hf glue` (its flags after `--`).
@@ -159,10 +160,10 @@ def record_what_a_restart_finds(events: Events, out: Path) -> None:
     events.record("found", checkpoints=sorted(path.name for path in out.glob("checkpoint-*")), staged=staged)
 
 
-def run_trainer(out: Path) -> None:
+def run_trainer(out: Path, head: str) -> None:
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    run = train("bert-classification", "lets-sam", str(out), batch=GLOBAL_BATCH // world, resume="auto",
+    run = train(head, "lets-sam", str(out), batch=GLOBAL_BATCH // world, resume="auto",
                 max_steps=TRAINER_STEPS, save_strategy="steps", save_steps=TRAINER_SAVE_STEPS)
     torch.save({"theta": run["theta"], "rho": run["rho"], "world": run["world"]}, out / f"final_rank{RANK}.pt")
     leave_together()
@@ -203,6 +204,7 @@ def main() -> None:
     parser.add_argument("--kill", choices=["none", "second-pass", "checkpoint-write", "sigterm"], default="none")
     parser.add_argument("--step", type=int, default=0)
     parser.add_argument("--rank", type=int, default=1)
+    parser.add_argument("--head", default="bert-classification", help="the trainer program's head (tests.heads)")
     args = parser.parse_args(own)
     args.out.mkdir(parents=True, exist_ok=True)
     events = Events(args.out)
@@ -212,7 +214,7 @@ def main() -> None:
     record_loads(events, args.program)
     arm(events, args.kill, args.step, args.rank, args.program, args.out)
     if args.program == "trainer":
-        run_trainer(args.out)
+        run_trainer(args.out, args.head)
     elif args.program == "loop":
         run_loop(args.out, flags, events)
     else:

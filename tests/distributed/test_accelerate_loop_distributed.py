@@ -91,6 +91,13 @@ def fsdp2(float64_model, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def fsdp2_one_rank(float64_model, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp2_one_rank")
+    run_example("fsdp2", out, float64_model, processes=1)
+    return out
+
+
 def _lets_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "lets_state.pt", weights_only=True)
 
@@ -136,7 +143,9 @@ def test_a_resumed_two_rank_run_equals_the_uninterrupted_one(launcher, float64_m
 MOVES = {
     "ddp 2 to 1, accumulating 2": ("two_ranks", "one process", 1, 2),
     "ddp 1 to 2": ("one_rank", "torchrun", 2, 1),
+    "ddp 2 to 4": ("two_ranks", "torchrun", 4, 1),
     "fsdp2 2 to 1": ("fsdp2", "fsdp2", 1, 1),
+    "fsdp2 1 to 2": ("fsdp2_one_rank", "fsdp2", 2, 1),
     "fsdp2 2 to 4": ("fsdp2", "fsdp2", 4, 1),
 }
 

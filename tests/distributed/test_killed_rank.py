@@ -9,7 +9,8 @@ docs/many-gpus.md ("A killed rank"):
   group, which resumes from the last complete checkpoint and never loads what `.staging/` holds, and ends with the
   θ and ρ of the same command without the kill, bit for bit: the same processes run the same float64 operations in the
   same order from a checkpoint that holds θ, the optimizer, ρ and its state, every rank's RNG and the data position
-  exactly. Both kills for `LETSTrainer` on tests.heads' BERT classification head with a learned ρ, and (b) for
+  exactly. Both kills for `LETSTrainer` on tests.heads' BERT classification head with a learned ρ, (a) on its GPT-2
+  (a causal LM), and (b) for
   examples/accelerate_loop.py (LETS-SAM on a float64 dropout-free BERT), whose own code stages its checkpoints. The
   restarted group also meets in a new store (see docs/many-gpus.md): the guard against the connectFullMesh failure,
   which is a race the restart does not always lose.
@@ -62,7 +63,10 @@ pytestmark = pytest.mark.distributed
 
 
 def command(program: str, out: Path, *hook: str, flags: list[str] = ()) -> list[str]:
-    return [*TORCHRUN, str(SCRIPT), "--program", program, "--out", str(out), *hook, "--", *flags]
+    """`program` is `trainer` (BERT classification), `trainer-gpt2` (the causal LM), `loop` or `lets-hf`."""
+    base, gpt2, _ = program.partition("-gpt2")
+    head = ["--head", "gpt2"] if gpt2 else []
+    return [*TORCHRUN, str(SCRIPT), "--program", base, "--out", str(out), *head, *hook, "--", *flags]
 
 
 def start(args: list[str], out: Path) -> subprocess.Popen:
@@ -101,7 +105,7 @@ def only(out: Path, rank: int, event: str, attempt: int | None = None) -> list[d
 
 def final_theta_and_rho(program: str, out: Path) -> list[tuple[dict, float]]:
     """Each rank's final θ and ρ (the loop saves them once: its model and eval_results.json)."""
-    if program == "trainer":
+    if program.startswith("trainer"):
         finals = [torch.load(out / f"final_rank{rank}.pt") for rank in range(2)]
         assert all(final["world"] == 2 for final in finals)  # one group of 2, not 2 runs of 1
         return [({"theta": final["theta"]}, final["rho"]) for final in finals]
@@ -143,6 +147,7 @@ def uninterrupted(float64_model, tmp_path_factory):
 KILLS = {
     "trainer-second-pass": ("trainer", "second-pass", 5, 1, "checkpoint-4"),
     "trainer-checkpoint-write": ("trainer", "checkpoint-write", 4, 0, "checkpoint-2"),
+    "trainer-gpt2-second-pass": ("trainer-gpt2", "second-pass", 5, 1, "checkpoint-4"),
     "loop-checkpoint-write": ("loop", "checkpoint-write", 4, 1, "checkpoint-2"),
 }
 #: A file the killed rank itself had staged before the kill.
