@@ -215,7 +215,7 @@ class CheckpointHooks:
         problem = resume_problem(self.args, lets_state)
         checkpoint = checkpoint_to_resume(resume_from_checkpoint, self.args.output_dir, problem)
         if checkpoint is not None and self.rule is not None:  # before Trainer loads anything
-            check_saved_layout(self.engine, checkpoint, self._global_batch())
+            check_saved_layout(self.engine, checkpoint, self.get_total_train_batch_size(self.args))
         return super().train(checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _get_output_dir(self, trial) -> str:
@@ -246,15 +246,11 @@ class CheckpointHooks:
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.rule is not None:
-            save_engine_state(self.engine, output_dir, self._global_batch())
+            save_engine_state(self.engine, output_dir, self.get_total_train_batch_size(self.args))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self.rule is None:
             return
         self.engine.model = self.model_wrapped
-        load_engine_state(self.engine, checkpoint, self._global_batch())  # checks the layout again: cheap
-
-    def _global_batch(self) -> int:
-        """Examples per optimizer step over all processes, which a resume on another number of them must keep."""
-        return self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+        load_engine_state(self.engine, checkpoint, self.get_total_train_batch_size(self.args))  # checks layout again

@@ -204,13 +204,11 @@ class LETSEngine:
             self._sam_step = self.policy.decide(self.global_step, grad_norm, self.max_steps)
         if not self._sam_step:
             if self.radius.antithetic and self.radius.update_due(self.global_step):  # its windows count every step
-                train_loss = torch.stack(self._first_losses).sum()
-                self.hypergradient.update_rho(model, params, grads, train_loss, self._cached, micro_batches=1)
+                self._update_rho(model, params, grads)
             self._plain_step(model, names, params, grads, cached=self._cached)
         elif self._unscale_(grads) is not None:
             if self.radius.update_due(self.global_step):
-                train_loss = torch.stack(self._first_losses).sum()
-                self.hypergradient.update_rho(model, params, grads, train_loss, self._cached, micro_batches=1)
+                self._update_rho(model, params, grads)
             self.policy.keep_first_gradient_(names, grads)
             tracked = self._step_tracked = self._perturb_(names, params, grads, mean_of=1, first_micro_batch=True)
             self.second_passes(model, self._cached)
@@ -224,6 +222,11 @@ class LETSEngine:
         self._record_sam_step()
         self._cached, self._first_losses = [], []
         return loss
+
+    def _update_rho(self, model, params, grads) -> None:
+        """ρ's update at this step, from the first passes' losses and the cached micro-batches."""
+        train_loss = torch.stack(self._first_losses).sum()
+        self.hypergradient.update_rho(model, params, grads, train_loss, self._cached, micro_batches=1)
 
     def _begin_step(self) -> None:
         """The policy's decision where it needs no gradient (`None`: AE-SAM decides after the first passes)."""

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lets_hf.errors import UsageError  # noqa: E402
 from tests.distributed import fsdp_on_cpu  # noqa: E402
 from tests.distributed.launch import leave_together  # noqa: E402
+from tests.distributed.train_fsdp2 import fsdp2  # noqa: E402
 from tests.heads import ESTIMATORS, GLOBAL_BATCH, train  # noqa: E402
 
 #: processes -> (per-device batch, accumulation): 8 examples per step on every world size.
@@ -39,19 +40,13 @@ CASES = {
                  {"sam_variant": "lightsam-adagrad", "optim": "sgd", "learning_rate": 0.1, "rho_lr": 0.1}),
     "gpt2": ("gpt2", {}),
 }
-LAYERS = {"bert-classification": "BertLayer", "gpt2": "GPT2Block"}
 MODES = ("ddp", "fsdp2")
-
-
-def fsdp2(head: str) -> dict:
-    config = {"version": 2, "transformer_layer_cls_to_wrap": [LAYERS[head]], "state_dict_type": "SHARDED_STATE_DICT"}
-    return {"fsdp": True, "fsdp_config": config}
 
 
 def run(out: Path, mode: str, world: int, case: str, resume: Path | None = None, **changes) -> dict:
     batch, accumulation = SPLITS[world]
     head, overrides = CASES[case]
-    settings = {**SETTINGS, **overrides, **(fsdp2(head) if mode == "fsdp2" else {}), **changes}
+    settings = {**SETTINGS, **overrides, **(fsdp2(head, "SHARDED_STATE_DICT") if mode == "fsdp2" else {}), **changes}
     done = train(head, "lets-sam", str(out), batch=batch, accumulation=accumulation,
                  resume=str(resume / "checkpoint-2") if resume else None, **settings)
     return {"theta": done["theta"], "rho": done["rho"], "world": done["world"],
