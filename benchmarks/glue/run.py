@@ -163,6 +163,7 @@ PROFILES["smoke"] = dataclasses.replace(  # the test suite's: a few steps of eve
 LOG_KEYS = (
     "step", "epoch", "loss", "rho", "gen_gap", "rho_inner", "rho_grad", "first_grad_norm", "learning_rate",
     "gen_gap_mean", "gen_gap_std", "rho_inner_mean", "rho_inner_std", "rho_grad_snr", "rho_grad_sign_agreement",
+    "sam_step_share",
 )
 
 
@@ -222,6 +223,8 @@ LETS_OPTIONS = {
     "log": {"rho_update_space": "log"},
     "exact": {"rho_hessian": "exact"},
     "frozen": {"rho_optimizer": "sgd", "rho_lr": 1e-300},  # ρ never moves: what LETS's machinery costs by itself
+    # SAM on some steps only (issue #45), with the policies' default knobs: `sam@0.02+ae-sam`
+    **{policy: {"sam_policy": policy} for policy in ("ae-sam", "looksam", "random")},
 }
 #: `+name<number>` suffixes: a numeric LETS field (`+mu0.99`, `+lr0.05`, `+k2`: ρ updates or windows every 2 steps,
 #: `+frac0.02`: hold out 2% of train for ρ, `+vb64`: validation batches of 64).
