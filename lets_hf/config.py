@@ -147,6 +147,14 @@ class LETSArguments:
             Number of recent ρ updates over which the log's running statistics are taken: the mean
             and std of the gap and of the inner product, the hypergradient's signal-to-noise ratio
             |mean|/std and its sign agreement (share of updates with the sign of the mean).
+        rho_signal_probes (`list[float]`, defaults to `[]`):
+            Diagnostics for choosing an estimator: beside the estimator's own ∂θ/∂ρ, a trace with each of
+            these decays (0: the one-step estimator) follows every step, and at every ρ update each one's
+            dF/dρ under both objectives, on the same validation batch, is logged as
+            `rho_probe_mu<μ>_squared_gap` and `rho_probe_mu<μ>_val_loss`. ρ never reads them: a frozen run
+            (`rho_optimizer="sgd"`, a negligible `rho_lr`) maps every estimator's signal at one ρ. One
+            parameter-sized buffer each (two for μ > 0); needs the `"one-step"` or `"trace"` estimator, a
+            `"diagonal"` or `"identity"` Hessian and `sam_policy="every"`.
 
         > LightSAM / BiSAM / BSAM
 
@@ -298,6 +306,13 @@ class LETSArguments:
     rho_diagnostics_window: int = field(
         default=20, metadata={"help": "ρ updates over which the logged hypergradient statistics are taken."}
     )
+    rho_signal_probes: list[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "Diagnostics: ∂θ/∂ρ traces with these decays (0: one-step) follow every step beside the "
+            "estimator's; each one's dF/dρ under both objectives is logged at every ρ update (ρ never reads them)."
+        },
+    )
     bisam_surrogate: str = field(
         default="log",
         metadata={"help": "BiSAM's lower bound of the 0-1 loss: 'log' (1 - log(1 + e^(γ-x))) or 'tanh' (tanh(αx))."},
@@ -409,6 +424,7 @@ class LETSArguments:
                 f"{setting('rho_diagnostics_window')} must be >= 2 (a std needs two updates), got "
                 f"{self.rho_diagnostics_window}."
             )
+        self._check_signal_probes()
         for name in ("rho", "rho_lr", "rho_min", "rho_max"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -476,6 +492,21 @@ class LETSArguments:
                 f"process would train alone, all writing to the same output_dir. Set {setting('use_cpu', True)} "
                 "(DDP over gloo on the CPU), or launch one process."
             )
+
+    def _check_signal_probes(self) -> None:
+        """The probes follow the estimator's own steps and passes: only where those carry a ∂θ/∂ρ on every step."""
+        if not self.rho_signal_probes:
+            return
+        bad = [mu for mu in self.rho_signal_probes if not 0 <= mu < 1]
+        if bad:
+            raise UsageError(f"{setting('rho_signal_probes')} are trace decays in [0, 1), got {bad}.")
+        needs = [(not self.learn_rho, setting("learn_rho", True)),
+                 (self.rho_estimator == "antithetic", f"{setting('rho_estimator', 'one-step')} or 'trace'"),
+                 (self.rho_hessian == "exact", f"{setting('rho_hessian', 'diagonal')} or 'identity'"),
+                 (self.sam_policy != "every", setting("sam_policy", "every"))]
+        missing = [need for broken, need in needs if broken]
+        if missing:
+            raise UsageError(f"{setting('rho_signal_probes')} needs " + ", ".join(missing) + ".")
 
     def _check_evidence_rule(self) -> None:
         if self.rho_evidence_threshold <= 0 or self.rho_evidence_min_updates < 2 or self.rho_evidence_factor <= 1:
@@ -546,6 +577,7 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
         "rho_objective", "rho_update_space", "rho_lr", "rho_optimizer", "rho_step_rule", "rho_evidence_threshold",
         "rho_evidence_min_updates", "rho_evidence_factor", "rho_min", "rho_max", "rho_hessian",
         "rho_update_interval", "rho_batch_size", "rho_val_fraction", "rho_seed", "rho_diagnostics_window",
+        "rho_signal_probes",
     ),
     "LightSAM / BiSAM / BSAM": ("bisam_surrogate", "bisam_mu", "bisam_alpha", "bsam_rho_min"),
     "Safety": ("nonfinite_patience", "save_on_sigterm"),

@@ -168,7 +168,7 @@ class LETSEngine:
                 self.policy.skip_step(sam_step=self._sam_step is not False)
             elif self._step_tracked:
                 params = trainable(self.model)[1]
-                self.radius.apply_descent_jacobian_(self.optimizer, params, self.radius.buffers_like(params))
+                self.radius.apply_descent_jacobian_(self.optimizer, params, self.radius.directions_like(params))
             elif self.radius.tracks_step(self.global_step):
                 self.radius.plain_step_untracked()
             self.radius.step_done()
@@ -244,7 +244,7 @@ class LETSEngine:
         self.nonfinite.observe(grad_norm)
         self.policy.plain_step_(names, grads, grad_norm)
         if self._trace_crosses_plain_step():
-            self.radius.begin_direction_(self.u_for(params))  # u ← μ·h_t, and nothing added: d_t = 0
+            self.radius.begin_direction_(self.directions_for(params))  # u ← μ·h_t, and nothing added: d_t = 0
             self.hypergradient.hessian_direction_(model, cached=cached)
             self.hypergradient.clip_coefficient(model)
 
@@ -376,10 +376,11 @@ class LETSEngine:
         self.nonfinite.observe(grad_norm)
         tracked = self.radius.tracks_step(self.global_step)
         if tracked:
-            u = self.u_for(params)
+            directions = self.directions_for(params)
             if first_micro_batch:
-                self.radius.begin_direction_(u)
-            torch._foreach_add_(u, grads, alpha=1.0 / mean_of)
+                self.radius.begin_direction_(directions)
+            for h in directions:
+                torch._foreach_add_(h, grads, alpha=1.0 / mean_of)
         torch._foreach_mul_(grads, self.radius.radius_at(self.global_step))
         backup = self._backup_for(params)
         with torch.no_grad():
@@ -401,11 +402,14 @@ class LETSEngine:
                 self._backup[id(p)] = torch.empty_like(p)
         return [self._backup[id(p)] for p in params]
 
-    def u_for(self, params, model=None):
+    def directions_for(self, params, model=None) -> list[list[torch.Tensor]]:
+        """u (∂θ/∂ρ), then the signal probes' traces, each aligned with `params` (trainable parameters)."""
         all_params = trainable(model if model is not None else self.model)[1]
-        u_all = self.radius.buffers_like(all_params)
         index = {id(p): i for i, p in enumerate(all_params)}
-        return [u_all[index[id(p)]] for p in params]
+        return [[h[index[id(p)]] for p in params] for h in self.radius.directions_like(all_params)]
+
+    def u_for(self, params, model=None):
+        return self.directions_for(params, model)[0]
 
     # ------------------------------------------------------------------ logging and state
     def pop_metrics(self, repeat_last: bool = False) -> dict[str, float]:

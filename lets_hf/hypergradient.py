@@ -44,20 +44,23 @@ class Hypergradient:
         if radius.antithetic:
             self._antithetic_boundary(model, train_loss)
             return
-        u = engine.u_for(params, model)
-        with_train = radius.needs_train_gradient
+        directions = engine.directions_for(params, model)  # u, then the signal probes
+        with_train = radius.needs_train_gradient or bool(radius.probe_decays)
         if with_train and engine.rule.first_pass_loss is not None:  # the first pass gave ∇Q: take ∇L_train
             grads = self.sum_gradients(engine.accelerator.unwrap_model(model), params, batches)
             if engine.args.sam_scope == "global" and not engine.sharded:
                 engine.average_grads(grads)
-        val_loss, val_dot = self._validation_pass(model, params, u)
-        inner = val_dot - global_dot(grads, u) * micro_batches if with_train else val_dot
-        val_loss, inner, train_loss = average_scalars(
-            torch.stack([val_loss.double(), inner.double(), train_loss.detach().double()])
-        )
+        val_loss, val_dots = self._validation_pass(model, params, directions)
+        train_dots = [global_dot(grads, h) * micro_batches for h in directions] if with_train else None
+        inner = val_dots[0] - train_dots[0] if radius.needs_train_gradient else val_dots[0]
+        scalars = [val_loss.double(), inner.double(), train_loss.detach().double()]
+        for val_dot, train_dot in zip(val_dots[1:], train_dots[1:] if train_dots else []):
+            scalars += [val_dot.double(), train_dot.double()]
+        val_loss, inner, train_loss, *probe_dots = average_scalars(torch.stack(scalars))
         gap = val_loss - train_loss
         radius.update(gap, inner)
         self._record(gap)
+        self._record_probes(gap, probe_dots)
 
     def _record(self, gap) -> None:
         self.engine.metrics.record("gen_gap", gap)
@@ -65,6 +68,13 @@ class Hypergradient:
         self.engine.metrics.record("rho_grad", self.engine.radius.last_grad)
         if self.engine.radius.evidence is not None:  # how close the evidence since ρ's last move is to moving it
             self.engine.metrics.record("rho_evidence_t", self.engine.radius.evidence.last_t)
+
+    def _record_probes(self, gap, dots) -> None:
+        """Each signal probe's dF/dρ under both objectives, from this update's validation batch: squared gap
+        gap·⟨∇L_val − g, h⟩, val-loss ⟨∇L_val, h⟩ (`dots`: ⟨∇L_val, h⟩, ⟨g, h⟩ per probe)."""
+        for decay, val_dot, train_dot in zip(self.engine.radius.probe_decays, dots[0::2], dots[1::2]):
+            self.engine.metrics.record(f"rho_probe_mu{decay:g}_squared_gap", gap * (val_dot - train_dot))
+            self.engine.metrics.record(f"rho_probe_mu{decay:g}_val_loss", val_dot)
 
     def _antithetic_boundary(self, model, train_loss) -> None:
         """A window boundary of the antithetic estimator: the validation loss on its fixed batches, in eval mode."""
@@ -90,10 +100,10 @@ class Hypergradient:
             reshard(unwrapped)
         return torch.stack(losses).mean()
 
-    def _validation_pass(self, model, params, u):
-        """L_val and ⟨∇L_val, u⟩ on this rank's shard of one validation batch, scaled as the loop scales a
-        train batch: their mean over ranks is the global per-example or per-token mean. Under DDP the
-        gradient is this rank's (no DDP hooks); under FSDP2 it is already the mean over ranks."""
+    def _validation_pass(self, model, params, directions):
+        """L_val and ⟨∇L_val, h⟩ for each direction h on this rank's shard of one validation batch, scaled as the
+        loop scales a train batch: their mean over ranks is the global per-example or per-token mean. Under DDP
+        the gradient is this rank's (no DDP hooks); under FSDP2 it is already the mean over ranks."""
         engine = self.engine
         batch = next(self.rho_batches)
         unwrapped = engine.accelerator.unwrap_model(model)
@@ -110,8 +120,9 @@ class Hypergradient:
             val_grads = self._synced_gradients(unwrapped, params, [batch], scaled_loss)
         else:
             val_grads = torch.autograd.grad(scaled_loss(unwrapped, batch), params, allow_unused=True)
-            val_grads, u = zip(*[(g, t) for g, t in zip(val_grads, u) if g is not None])
-        return val_loss[0], global_dot(list(val_grads), list(u)) / scale
+            used = [i for i, g in enumerate(val_grads) if g is not None]
+            val_grads, directions = [val_grads[i] for i in used], [[h[i] for i in used] for h in directions]
+        return val_loss[0], [global_dot(val_grads, h) / scale for h in directions]
 
     # ------------------------------------------------------------------ u_t's Hessian and clipping
     def clip_coefficient(self, model) -> None:
@@ -124,11 +135,12 @@ class Hypergradient:
         engine = self.engine
         _, params, descent = trainable_with_grad(model)
         descent_scale = engine.scale_inverse()
-        u = engine.u_for(params)
-        if engine.args.rho_hessian == "exact":
+        directions = engine.directions_for(params)
+        if engine.args.rho_hessian == "exact":  # no signal probes (refused): u alone
+            u = directions[0]
             torch._foreach_copy_(u, self._exact_hvp(model, params, u, cached, descent, descent_scale))
         else:
-            engine.radius.apply_hessian_(u, descent, descent_scale)
+            engine.radius.apply_hessian_(directions, descent, descent_scale)
 
     def _exact_hvp(self, model, params, direction, cached, descent, descent_scale):
         """H(θ+ε)·d over the global batch: double backward, or, where a kernel has no double

@@ -50,7 +50,10 @@ class Radius:
         self.trace_decay = args.rho_trace_decay if args.rho_estimator == "trace" else 0.0
         self.antithetic = args.learn_rho and args.rho_estimator == "antithetic"
         self.u: list[torch.Tensor] | None = None  # ∂θ/∂ρ (h), aligned with the trainable params
-        self._kept: list[torch.Tensor] | None = None  # μ·h_t while u holds w_t (trace only)
+        self.probe_decays = tuple(args.rho_signal_probes) if self.learn else ()
+        self.probes: list[list[torch.Tensor]] = []  # the signal probes' traces (`rho_signal_probes`), like u
+        self._kept: list[list[torch.Tensor] | None] = []  # per direction, μ·h_t while it holds w_t (traces only)
+        self._kept_buffers: dict[int, list[torch.Tensor]] = {}  # allocated once per direction
         self.u_valid = False
         self.clip_coef = torch.ones((), dtype=torch.float64, device=device)
         self.step = torch.zeros((), dtype=torch.float64, device=device)
@@ -79,7 +82,7 @@ class Radius:
         """One-step: step t needs u_t only if step t+1 updates ρ. The trace follows every step."""
         if self.antithetic:
             return False
-        if self.trace_decay:
+        if self.trace_decay or self.probe_decays:
             return self.learn
         return self.learn and (global_step + 1) % self.args.rho_update_interval == 0
 
@@ -125,25 +128,38 @@ class Radius:
             self.u = [torch.zeros_like(p) for p in params]
         return self.u
 
-    def begin_direction_(self, u: list[torch.Tensor]) -> None:
-        """Before d_t is added to u: u ← 0 (one-step), or u ← μ·h_t, kept for after the step (trace; a trace
-        broken by a skipped step starts again from 0)."""
-        if not (self.trace_decay and self.u_valid):
-            torch._foreach_zero_(u)
-            self._kept = None
-            return
-        torch._foreach_mul_(u, self.trace_decay)
-        if self._kept is None:
-            self._kept = [torch.empty_like(t) for t in u]
-        copy_(self._kept, u)
+    def directions_like(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """The directions a tracked step carries: u, then each signal probe's trace."""
+        if len(self.probes) < len(self.probe_decays):
+            self.probes = [[torch.zeros_like(p) for p in params] for _ in self.probe_decays]
+        return [self.buffers_like(params), *self.probes]
 
-    def apply_hessian_(self, u: list[torch.Tensor], descent_grads: list[torch.Tensor], inv_scale: float) -> None:
-        """d -> H·d for the diagonal and identity modes (`exact` is done by the trainer's HVP pass)."""
+    def _decays(self) -> tuple[float, ...]:
+        return (self.trace_decay, *self.probe_decays)
+
+    def begin_direction_(self, directions: list[list[torch.Tensor]]) -> None:
+        """Before d_t is added: each direction h ← 0 (one-step), or h ← μ·h_t, kept for after the step (trace; a
+        trace broken by a skipped step starts again from 0). `directions`: u, then the probes (`directions_like`)."""
+        self._kept = []
+        for index, (decay, h) in enumerate(zip(self._decays(), directions)):
+            if not (decay and self.u_valid):
+                torch._foreach_zero_(h)
+                self._kept.append(None)
+                continue
+            torch._foreach_mul_(h, decay)
+            kept = self._kept_buffers.setdefault(index, [torch.empty_like(t) for t in h])
+            copy_(kept, h)
+            self._kept.append(kept)
+
+    def apply_hessian_(self, directions: list[list[torch.Tensor]], descent_grads: list[torch.Tensor],
+                       inv_scale: float) -> None:
+        """d -> H·d, for each direction, in the diagonal and identity modes (`exact` is the trainer's HVP pass)."""
         if self.args.rho_hessian == "diagonal":
-            torch._foreach_mul_(u, descent_grads)
-            torch._foreach_mul_(u, descent_grads)
-            if inv_scale != 1.0:
-                torch._foreach_mul_(u, inv_scale * inv_scale)
+            for u in directions:
+                torch._foreach_mul_(u, descent_grads)
+                torch._foreach_mul_(u, descent_grads)
+                if inv_scale != 1.0:
+                    torch._foreach_mul_(u, inv_scale * inv_scale)
 
     def set_clip_coef(self, descent_grads: list[torch.Tensor], inv_scale: float, max_norm: float) -> None:
         """c_t of the loop's clipping to `max_norm` (torch's formula), held constant in the hypergradient."""
@@ -153,19 +169,20 @@ class Radius:
         norm = global_norm(descent_grads).double() * inv_scale
         torch.clamp(max_norm / (norm + 1e-6), max=1.0, out=self.clip_coef)
 
-    def apply_descent_jacobian_(self, optimizer, params: list[torch.Tensor], u: list[torch.Tensor]) -> None:
-        """H·d -> u_t = −η·c·J_P·H·d, reading the optimizer state right after its step."""
+    def apply_descent_jacobian_(self, optimizer, params: list[torch.Tensor], directions: list[list[torch.Tensor]]) -> None:
+        """H·d -> u_t = −η·c·J_P·H·d for each direction, reading the optimizer state right after its step."""
         inner = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
         position = {id(p): i for i, p in enumerate(params)}
-        for group in inner.param_groups:
-            members = [position[id(p)] for p in group["params"] if id(p) in position]
-            if not members:
-                continue
-            tangents = [u[i] for i in members]
-            descent_jacobian_(inner, group, [params[i] for i in members], tangents)
-            torch._foreach_mul_(tangents, (-group["lr"]) * self.clip_coef.to(tangents[0].dtype))
-        if self.trace_decay and self._kept is not None:
-            torch._foreach_add_(u, self._kept)  # h_{t+1} = μ·h_t − A_t·w_t
+        for u, kept in zip(directions, self._kept or [None] * len(directions)):
+            for group in inner.param_groups:
+                members = [position[id(p)] for p in group["params"] if id(p) in position]
+                if not members:
+                    continue
+                tangents = [u[i] for i in members]
+                descent_jacobian_(inner, group, [params[i] for i in members], tangents)
+                torch._foreach_mul_(tangents, (-group["lr"]) * self.clip_coef.to(tangents[0].dtype))
+            if kept is not None:
+                torch._foreach_add_(u, kept)  # h_{t+1} = μ·h_t − A_t·w_t
         self.u_valid = True
 
     # -- the ρ step ------------------------------------------------------------------
@@ -245,6 +262,7 @@ class Radius:
             "window_start_loss": self.window_start_loss,
             "first_window_change": self.first_window_change,
             "evidence": self.evidence.tensors() if self.evidence is not None else None,
+            "probes": self.probes,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -258,6 +276,8 @@ class Radius:
             self.monitor.load_state_dict(state["monitor"])
             self.window_start_loss.copy_(state["window_start_loss"])
             self.first_window_change.copy_(state["first_window_change"])
+        if len(state.get("probes", [])) == len(self.probe_decays):  # other probes: theirs start afresh
+            self.probes = [[t.to(self.value.device) for t in probe] for probe in state.get("probes", [])]
         if self.evidence is not None and state.get("evidence") is not None:  # absent before the evidence rule
             for tensor, saved in zip(self.evidence.tensors(), state["evidence"]):
                 tensor.copy_(saved)

@@ -223,6 +223,8 @@ LETS_OPTIONS = {
     "log": {"rho_update_space": "log"},
     "exact": {"rho_hessian": "exact"},
     "frozen": {"rho_optimizer": "sgd", "rho_lr": 1e-300},  # ρ never moves: what LETS's machinery costs by itself
+    # the signal map's probes (issue #44): the one-step estimator and traces of 3 memories beside the estimator
+    "probes": {"rho_signal_probes": [0.0, 0.9, 0.99, 0.999]},
     # SAM on some steps only (issue #45), with the policies' default knobs: `sam@0.02+ae-sam`
     **{policy: {"sam_policy": policy} for policy in ("ae-sam", "looksam", "random")},
 }
@@ -331,7 +333,8 @@ def train_one(task, model_path, tokenizer, encoded, profile: Profile, settings: 
     metrics = {}
     for dev in task.dev_splits:
         metrics.update(trainer.evaluate(eval_dataset=encoded[dev.hub_split], metric_key_prefix=dev.metric_prefix))
-    log = [{k: entry[k] for k in LOG_KEYS if k in entry} for entry in trainer.state.log_history if "loss" in entry]
+    log = [{k: v for k, v in entry.items() if k in LOG_KEYS or k.startswith("rho_probe_")}
+           for entry in trainer.state.log_history if "loss" in entry]
     return {
         "metrics": {k: v for k, v in metrics.items() if k.removeprefix("eval_").removeprefix("mm_") in task.metric_names},
         "wall_time_s": clock.wall_s,

@@ -1,0 +1,225 @@
+"""Issue #44's signal map: at each frozen ρ, which way does each estimator's hypergradient push, and how surely?
+
+    nice python benchmarks/glue/signal_map.py            # runs what is missing (resumable), then the report
+    python benchmarks/glue/signal_map.py --report_only   # signal_map.md and signal_map.png from the saved runs
+
+Each run is LETS-SAM with ρ frozen (`+frozen`: SGD on ρ with a negligible step) under the study profile
+(`run.py --profile study`), a ρ update on every step (`+k1`) and the signal probes (`+probes`, `rho_signal_probes`
+0, 0.9, 0.99, 0.999): on the same steps and validation batches it logs dF/dρ of the one-step estimator and of
+traces with those memories, under both objectives (squared gap, validation loss). Seed 0 at every ρ of RHOS, then
+seeds 1 and 2 at the map's two ρ values around the task's best (issue #15's SAM grid, 3 seeds), task by task.
+
+The report, per task, estimator and objective: at each ρ the mean of dF/d log ρ over the run (ρ·dF/dρ), its
+t-statistic (over the log windows' means: 5 updates each, pooled over seeds), the same in the first epoch and
+after it, and whether the sign points towards the grid's best (dF/dρ < 0 below it: ρ grows; > 0 above it). The
+plot: the SAM grid's dev score against ρ on top (and the frozen runs' own, trained on the 90% of train that the ρ
+validation split leaves), each estimator's t against ρ below, zero and ±2 marked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+import run  # noqa: E402  (sibling script, not a package)
+from markdown_table import table_header, table_row  # noqa: E402
+from report import TASK_TITLES  # noqa: E402
+from saved_runs import load_runs  # noqa: E402
+from study_report import PRIMARY, oracle_picks, rho_of, scores  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+STUDY_DIR = RESULTS / "glue-study"  # issue #15: AdamW and the SAM grid, 3 seeds
+RHO_STUDY_DIR = RESULTS / "glue-rho-study"  # issue #34: SAM at 0.2 on some tasks
+DEFAULT_OUT_DIR = RESULTS / "rho-signal-map"
+TASKS = ("cola", "mrpc", "stsb")
+RHOS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+METHOD = "lets-sam@{rho:g}+frozen+k1+probes"
+PROBES = run.LETS_OPTIONS["probes"]["rho_signal_probes"]
+OBJECTIVES = {"squared_gap": "squared gap", "val_loss": "val loss"}
+ESTIMATOR_NAMES = {0.0: "one-step", 0.9: "trace μ=0.9", 0.99: "trace μ=0.99", 0.999: "trace μ=0.999"}
+EXTRA_SEEDS = (1, 2)
+
+
+def grid_best(study_dir: Path, tasks) -> dict[str, float]:
+    """Per task, the ρ of the SAM grid's best mean dev score (issue #15's runs)."""
+    picks = oracle_picks(scores(load_runs(study_dir)))
+    missing = [task for task in tasks if task not in picks]
+    if missing:
+        raise SystemExit(f"{study_dir} has no SAM grid for {missing}: run `benchmarks/glue/run.py --profile study`.")
+    return {task: rho_of(picks[task]) for task in tasks}
+
+
+def around(best: float) -> list[float]:
+    """The map's two ρ values around `best`: its neighbours in RHOS (both above it at the grid's edge)."""
+    i = RHOS.index(best) if best in RHOS else int(np.searchsorted(RHOS, best))
+    below, above = RHOS[max(i - 1, 0)], RHOS[min(i + 1, len(RHOS) - 1)]
+    return [below, above] if below != best else [RHOS[i + 1], RHOS[i + 2]]
+
+
+def planned(best: dict[str, float], tasks) -> list[tuple[str, list[str], list[int]]]:
+    """(task, methods, seeds) in the order they run: seed 0 everywhere first, then the extra seeds."""
+    order = [(task, [METHOD.format(rho=rho) for rho in RHOS], [0]) for task in tasks]
+    return order + [(task, [METHOD.format(rho=rho) for rho in around(best[task])], list(EXTRA_SEEDS)) for task in tasks]
+
+
+def key(mu: float, objective: str) -> str:
+    return f"rho_probe_mu{mu:g}_{objective}"
+
+
+def _t(values: np.ndarray) -> float:
+    return values.mean() / (values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else np.nan
+
+
+def _fmt(t: float) -> str:
+    return "–" if np.isnan(t) else f"{t:+.1f}"
+
+
+def signal(runs: list[dict], mu: float, objective: str, rho: float, epochs: str = "all") -> np.ndarray:
+    """dF/d log ρ of every log window (a mean of 5 updates) of `runs`, pooled; `epochs`: "all", "1" or "later"."""
+    values = []
+    for record in runs:
+        for entry in record["log_history"]:
+            if key(mu, objective) not in entry:
+                continue
+            if epochs != "all" and (entry["epoch"] <= 1) != (epochs == "1"):
+                continue
+            values.append(rho * entry[key(mu, objective)])
+    return np.array(values)
+
+
+def verdict(t: float, rho: float, best: float) -> str:
+    """Whether the mean pushes ρ towards `best` (descent: ρ grows where dF/dρ < 0), and how surely."""
+    if rho == best or np.isnan(t):
+        return "at best" if rho == best else "–"
+    right = (t < 0) == (rho < best)
+    return ("right" if right else "WRONG") + ("" if abs(t) >= 2 else " (noise)")
+
+
+def map_table(table: dict, best: dict[str, float], tasks) -> list[str]:
+    header = ["task", "estimator", "objective", *(f"ρ={rho:g}" for rho in RHOS), "right / significant"]
+    lines = ["Per ρ: mean dF/d log ρ over the run, t-statistic [first epoch / later epochs] (seeds), and the verdict: "
+             "'right' when the sign pushes ρ towards the grid's best, 'WRONG' when away, '(noise)' when |t| < 2. ", "",
+             *table_header(header)]
+    for task in tasks:
+        for mu in PROBES:
+            for objective, title in OBJECTIVES.items():
+                cells, right, significant = [], 0, 0
+                for rho in RHOS:
+                    cell = table.get(task, {}).get(METHOD.format(rho=rho))
+                    if cell is None:
+                        cells.append("–")
+                        continue
+                    runs = cell["runs"]
+                    values = signal(runs, mu, objective, rho)
+                    t = _t(values)
+                    first, later = (_t(signal(runs, mu, objective, rho, e)) for e in ("1", "later"))
+                    word = verdict(t, rho, best[task])
+                    right += word.startswith("right")
+                    significant += not word.endswith("(noise)") and word not in ("at best", "–")
+                    cells.append(f"{values.mean():+.2e}, t {_fmt(t)} [{_fmt(first)} / {_fmt(later)}] (n={len(runs)}): {word}")
+                compared = sum(1 for rho in RHOS if rho != best[task] and METHOD.format(rho=rho) in table.get(task, {}))
+                lines.append(table_row([TASK_TITLES[task], ESTIMATOR_NAMES.get(mu, f"μ={mu:g}"), title, *cells,
+                                        f"{right} of {compared} right, {significant} significant"]))
+    return lines
+
+
+def sam_scores(study_dirs: list[Path], task: str) -> dict[float, list[float]]:
+    """SAM's dev scores (×100) per ρ, from every saved study that has them (issue #15's grid, issue #34's 0.2)."""
+    by_rho = defaultdict(list)
+    for folder in study_dirs:
+        for record in load_runs(folder):
+            if record["task"] == task and record["method"].startswith("sam@") and "+" not in record["method"]:
+                by_rho[rho_of(record["method"])].append(100 * record["metrics"][f"eval_{PRIMARY[task]}"])
+    return dict(by_rho)
+
+
+def plot(table: dict, best: dict[str, float], tasks, study_dirs: list[Path], path: Path) -> None:
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 1.4]})
+    for column, task in enumerate(tasks):
+        top, bottom = axes[0][column], axes[1][column]
+        sam = sam_scores(study_dirs, task)
+        rhos = sorted(sam)
+        top.errorbar(rhos, [np.mean(sam[r]) for r in rhos], yerr=[np.std(sam[r]) for r in rhos], marker="o",
+                     color="black", label="SAM (train set, seeds)")
+        frozen = {rho: table[task][METHOD.format(rho=rho)]["score"] for rho in RHOS
+                  if METHOD.format(rho=rho) in table.get(task, {})}
+        if frozen:
+            top.plot(list(frozen), [np.mean(v) for v in frozen.values()], marker="s", ls=":", color="grey",
+                     label="frozen runs (90% of train)")
+        top.axvline(best[task], color="C3", ls="--", lw=1, label="grid's best ρ")
+        top.set_title(TASK_TITLES[task])
+        top.set_ylabel(f"dev {PRIMARY[task].replace('_', ' ')} ×100")
+        for i, mu in enumerate(PROBES):
+            for objective, style in (("squared_gap", "-"), ("val_loss", "--")):
+                points = [(rho, _t(signal(table[task][METHOD.format(rho=rho)]["runs"], mu, objective, rho)))
+                          for rho in frozen]
+                if points:
+                    bottom.plot(*zip(*points), ls=style, marker="o", color=f"C{i}",
+                                label=f"{ESTIMATOR_NAMES[mu]}, {OBJECTIVES[objective]}")
+        for level, style in ((0, "-"), (2, ":"), (-2, ":")):
+            bottom.axhline(level, color="black", lw=0.8, ls=style)
+        bottom.axvline(best[task], color="C3", ls="--", lw=1)
+        bottom.set_xscale("log")
+        bottom.set_xlabel("ρ (frozen)")
+        bottom.set_ylabel("t of mean dF/d log ρ (< 0: ρ grows)")
+    axes[0][0].legend(fontsize=7)
+    axes[1][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, study_dir: Path, tasks) -> str:
+    best = grid_best(study_dir, tasks)
+    table = scores(load_runs(out_dir)) if any((out_dir / "runs").glob("*/*/seed*.json")) else {}
+    expected = sum(len(methods) * len(seeds) for _, methods, seeds in planned(best, tasks))
+    done = sum(len(cell["runs"]) for cells in table.values() for cell in cells.values())
+    text = "\n".join([
+        "# The signal map: which way each ρ estimator pushes at a frozen ρ",
+        "",
+        *([f"**PARTIAL: {done} of {expected} runs saved; '–': not yet run.**", ""] if done < expected else []),
+        "LETS-SAM with ρ frozen, MiniLM, issue #15's study profile, a ρ update (one validation batch) on every step; "
+        "every estimator is measured on the same steps and batches (`rho_signal_probes`). Grid's best ρ (SAM, 3 "
+        "seeds): " + ", ".join(f"{TASK_TITLES[t]} {best[t]:g}" for t in tasks) + ".",
+        "",
+        *map_table(table, best, tasks),
+        "",
+        "![signal map](signal_map.png)",
+        "",
+    ])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "signal_map.md").write_text(text)
+    if table:
+        plot(table, best, [t for t in tasks if t in table], [study_dir, RHO_STUDY_DIR], out_dir / "signal_map.png")
+    return text
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR))
+    parser.add_argument("--study_dir", default=str(STUDY_DIR), help="issue #15's runs: the SAM grid")
+    parser.add_argument("--data_dir", default=str(run.DEFAULT_DATA_DIR))
+    parser.add_argument("--report_only", action="store_true", help="write the report from the saved runs only")
+    args = parser.parse_args(argv)
+    out_dir, study_dir = Path(args.out_dir), Path(args.study_dir)
+    if not args.report_only:
+        for task, methods, seeds in planned(grid_best(study_dir, args.tasks), args.tasks):
+            run.main(["--profile", "study", "--tasks", task, "--methods", *methods, "--seeds", *map(str, seeds),
+                      "--out_dir", str(out_dir), "--data_dir", args.data_dir])
+            write_report(out_dir, study_dir, args.tasks)  # after each task's runs: the partial map so far
+    print(write_report(out_dir, study_dir, args.tasks))
+
+
+if __name__ == "__main__":
+    main()
