@@ -31,6 +31,7 @@ RHO_STEP_RULES = ("optimizer", "evidence")
 RHO_HESSIANS = ("diagonal", "exact", "identity")
 RHO_ESTIMATORS = ("one-step", "trace", "antithetic")
 RHO_OBJECTIVES = ("squared-gap", "val-loss")
+RHO_TRAIN_BATCHES = ("next", "last")
 RHO_UPDATE_SPACES = ("linear", "log")
 
 logger = logging.get_logger(__name__)
@@ -109,6 +110,14 @@ class LETSArguments:
             The upper-level objective F(ρ). `"squared-gap"`: ½(L_val − L_train)² (the paper's),
             dF/dρ = (L_val − L_train)·⟨∇L_val − ∇L_train, ∂θ/∂ρ⟩. `"val-loss"`: L_val, the classic
             hyperparameter objective, dF/dρ = ⟨∇L_val, ∂θ/∂ρ⟩.
+        rho_train_batch (`str`, defaults to `"next"`):
+            The batch whose loss is L_train in the squared gap at θ_{t+1}. `"next"` (the paper's): the
+            batch about to be stepped on, from its first pass: in the first epoch no step has seen it yet,
+            so the gap is zero in expectation until the data repeats. `"last"`: B_t, the batch θ_{t+1} was
+            just stepped on, re-evaluated right after that step (one more forward and backward per ρ
+            update): a gap from the first step on. The update then happens at the end of step t instead of
+            the start of step t+1 (the same θ_{t+1}, u and validation batch). Needs `sam_scope="global"`,
+            the one-step or trace estimator and `sam_policy="every"`.
         rho_update_space (`str`, defaults to `"linear"`):
             `"linear"`: the ρ optimizer steps ρ (the paper's). `"log"`: it steps log ρ with the
             hypergradient ρ·dF/dρ, so `rho_lr` is a relative change and one value serves any ρ₀.
@@ -254,6 +263,13 @@ class LETSArguments:
     rho_objective: str = field(
         default="squared-gap",
         metadata={"help": "Upper-level objective: 'squared-gap' (½(L_val - L_train)², the paper's) or 'val-loss'."},
+    )
+    rho_train_batch: str = field(
+        default="next",
+        metadata={
+            "help": "L_train of the squared gap: 'next' (the batch about to be stepped on, the paper's: no gap in "
+            "the first epoch) or 'last' (the batch just stepped on, re-evaluated: one more pass per ρ update)."
+        },
     )
     rho_update_space: str = field(
         default="linear",
@@ -403,6 +419,8 @@ class LETSArguments:
         _check_choice("rho_hessian", self.rho_hessian, RHO_HESSIANS)
         _check_choice("rho_estimator", self.rho_estimator, RHO_ESTIMATORS)
         _check_choice("rho_objective", self.rho_objective, RHO_OBJECTIVES)
+        _check_choice("rho_train_batch", self.rho_train_batch, RHO_TRAIN_BATCHES)
+        self._check_last_train_batch()
         _check_choice("rho_update_space", self.rho_update_space, RHO_UPDATE_SPACES)
         if not 0 <= self.rho_trace_decay < 1:
             raise UsageError(
@@ -493,6 +511,17 @@ class LETSArguments:
                 "(DDP over gloo on the CPU), or launch one process."
             )
 
+    def _check_last_train_batch(self) -> None:
+        """`rho_train_batch="last"` re-evaluates the whole global batch just stepped on, with ∂θ/∂ρ through it."""
+        if self.rho_train_batch != "last" or not self.learn_rho:
+            return
+        needs = [(self.sam_scope == "local", setting("sam_scope", "global")),
+                 (self.rho_estimator == "antithetic", f"{setting('rho_estimator', 'one-step')} or 'trace'"),
+                 (self.sam_policy != "every", setting("sam_policy", "every"))]
+        missing = [need for broken, need in needs if broken]
+        if missing:
+            raise UsageError(f"{setting('rho_train_batch', 'last')} needs " + ", ".join(missing) + ".")
+
     def _check_signal_probes(self) -> None:
         """The probes follow the estimator's own steps and passes: only where those carry a ∂θ/∂ρ on every step."""
         if not self.rho_signal_probes:
@@ -574,7 +603,7 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "Learned radius (LETS)": (
         "learn_rho", "rho_estimator", "rho_trace_decay", "rho_antithetic_delta", "rho_antithetic_batches",
-        "rho_objective", "rho_update_space", "rho_lr", "rho_optimizer", "rho_step_rule", "rho_evidence_threshold",
+        "rho_objective", "rho_train_batch", "rho_update_space", "rho_lr", "rho_optimizer", "rho_step_rule", "rho_evidence_threshold",
         "rho_evidence_min_updates", "rho_evidence_factor", "rho_min", "rho_max", "rho_hessian",
         "rho_update_interval", "rho_batch_size", "rho_val_fraction", "rho_seed", "rho_diagnostics_window",
         "rho_signal_probes",

@@ -102,6 +102,7 @@ class LETSEngine:
         self.average_grads = GradientAverager()
         self._backup: dict[int, torch.Tensor] = {}  # θ before the perturbation, per parameter
         self._cached: list = []
+        self._stepped: list = []  # the micro-batches of the step just taken (`rho_train_batch="last"` only)
         self._first_losses: list[torch.Tensor] = []
         self._micro_batches = 0
         self.surrogate_pass = False  # BiSAM: the adapter's loss reads it (its first pass descends on ∇Q)
@@ -169,9 +170,12 @@ class LETSEngine:
             elif self._step_tracked:
                 params = trainable(self.model)[1]
                 self.radius.apply_descent_jacobian_(self.optimizer, params, self.radius.directions_like(params))
+                if self.radius.update_due_after_step(self.global_step):
+                    self.hypergradient.update_rho_on_stepped_batch(self.model, params, self._stepped)
             elif self.radius.tracks_step(self.global_step):
                 self.radius.plain_step_untracked()
             self.radius.step_done()
+        self._stepped = []
         self.global_step += 1
 
     def check_optimizer(self) -> None:
@@ -220,6 +224,7 @@ class LETSEngine:
                 self.hypergradient.clip_coefficient(model)
             self.policy.after_sam_step_(names, [p.grad for p in params])
         self._record_sam_step()
+        self._stepped = self._cached if self.radius.after_step else []  # `rho_train_batch="last"` re-evaluates it
         self._cached, self._first_losses = [], []
         return loss
 

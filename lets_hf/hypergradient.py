@@ -31,14 +31,34 @@ class Hypergradient:
         self._fixed_batches = None  # the antithetic estimator's, drawn at its first window boundary
         self._hvp_by_double_backward = True
 
-    def update_rho(self, model, params, grads, train_loss, batches, micro_batches: int) -> None:
+    def update_rho_on_stepped_batch(self, model, params, batches) -> None:
+        """`rho_train_batch="last"`, right after step t: L_train and its gradient on B_t (this rank's
+        micro-batches `batches`, scaled as the loop scales them) at θ_{t+1}, then the update. The pass draws its
+        dropout from a stream of its own (as the validation pass), so later training steps draw as without it."""
+        engine, losses = self.engine, []
+        seed = self.rho_batches.pass_seed() ^ (1 << 62)  # not a validation pass's: those have bit 62 clear
+
+        def loss_of(model, batch):
+            with own_random_stream(seed + len(losses), engine.accelerator.device):
+                loss = self._micro_batch_loss(model, batch)
+            losses.append(loss.detach())
+            return loss
+
+        grads = self.sum_gradients(engine.accelerator.unwrap_model(model), params, batches, loss_of)
+        if not engine.sharded:
+            engine.average_grads(grads)
+        self.update_rho(model, params, grads, torch.stack(losses).sum(), batches, micro_batches=1, train_gradient=True)
+
+    def update_rho(self, model, params, grads, train_loss, batches, micro_batches: int,
+                   train_gradient: bool = False) -> None:
         """One upper-level step at θ_{t+1}: the gap L_val − L_train and the inner product of the objective,
         ⟨∇L_val − g, u⟩ (squared gap) or ⟨∇L_val, u⟩ (val-loss); `Radius.update` combines them. The
         antithetic estimator instead measures the validation loss at its window boundary.
 
         `grads` is the first-pass gradient of `batches`, scaled by 1/`micro_batches` as the loop
         scales the loss for accumulation. Rules whose first pass descends on a surrogate pay
-        one more backward here for the gradient of the training loss (squared gap only).
+        one more backward here for the gradient of the training loss (squared gap only), unless
+        `train_gradient` says `grads` already is that gradient.
         """
         engine, radius = self.engine, self.engine.radius
         if radius.antithetic:
@@ -46,7 +66,7 @@ class Hypergradient:
             return
         directions = engine.directions_for(params, model)  # u, then the signal probes
         with_train = radius.needs_train_gradient or bool(radius.probe_decays)
-        if with_train and engine.rule.first_pass_loss is not None:  # the first pass gave ∇Q: take ∇L_train
+        if with_train and not train_gradient and engine.rule.first_pass_loss is not None:  # ∇Q: take ∇L_train
             grads = self.sum_gradients(engine.accelerator.unwrap_model(model), params, batches)
             if engine.args.sam_scope == "global" and not engine.sharded:
                 engine.average_grads(grads)
@@ -183,14 +203,15 @@ class Hypergradient:
         return hvp
 
     # ------------------------------------------------------------------ gradients outside the loop's backward
-    def sum_gradients(self, model, params, cached):
-        """Gradient of the training loss over this rank's micro-batches (no DDP hooks); under FSDP2,
-        over the global batch (see `_synced_gradients`)."""
+    def sum_gradients(self, model, params, cached, loss_of=None):
+        """Gradient of the training loss (`loss_of(model, batch)`, by default the loop's scaled loss) over this
+        rank's micro-batches (no DDP hooks); under FSDP2, over the global batch (see `_synced_gradients`)."""
+        loss_of = loss_of or self._micro_batch_loss
         if self.engine.sharded:
-            return self._synced_gradients(model, params, cached, self._micro_batch_loss)
+            return self._synced_gradients(model, params, cached, loss_of)
         total = None
         for batch in cached:
-            loss = self._micro_batch_loss(model, batch)
+            loss = loss_of(model, batch)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
             total = grads if total is None else torch._foreach_add(total, grads)

@@ -74,9 +74,18 @@ class Radius:
     # -- when to do the work ---------------------------------------------------------
     def update_due(self, global_step: int) -> bool:
         """An update at step t uses u_{t−1}: only every `rho_update_interval`-th step. The antithetic
-        estimator measures at every window boundary, step 0 included."""
+        estimator measures at every window boundary, step 0 included. With `rho_train_batch="last"` the
+        update comes at the end of step t − 1 instead (`update_due_after_step`)."""
         ready = self.u_valid or self.antithetic
-        return self.learn and ready and global_step % self.args.rho_update_interval == 0
+        return self.learn and ready and global_step % self.args.rho_update_interval == 0 and not self.after_step
+
+    @property
+    def after_step(self) -> bool:
+        return self.learn and self.args.rho_train_batch == "last"
+
+    def update_due_after_step(self, global_step: int) -> bool:
+        """`rho_train_batch="last"`: step t, just finished with u_t valid, is followed by an update."""
+        return self.after_step and self.u_valid and (global_step + 1) % self.args.rho_update_interval == 0
 
     def tracks_step(self, global_step: int) -> bool:
         """One-step: step t needs u_t only if step t+1 updates ρ. The trace follows every step."""

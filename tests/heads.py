@@ -35,6 +35,8 @@ ESTIMATORS = {
     "antithetic": dict(
         rho_estimator="antithetic", rho_update_space="log", rho_antithetic_batches=1, rho_optimizer="adam", rho_lr=0.1
     ),
+    # L_train on the batch just stepped on: an update at the end of every step (3, not 2), one more backward each
+    "last-batch": dict(rho_train_batch="last"),
 }
 #: LETS-SAM under each cheap `sam_policy` (each run as the "lets-sam" case with these fields): the 3 steps mix SAM and
 #: plain steps, and ρ is updated once (SAM_STEPS; the tests check both). LookSAM (k = 2: SAM at 0 and 2) needs the

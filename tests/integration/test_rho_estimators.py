@@ -14,13 +14,15 @@ at the perturbed point. The diagonal mode is checked against its recursion writt
 """
 
 import math
+import re
 
 import pytest
 import torch
 from torch.func import functional_call
 
 from lets_hf import LETSConfig, LETSTrainer
-from tests.heads import build_model, train_rows, validation_rows
+from lets_hf.errors import UsageError
+from tests.heads import build_model, train, train_rows, validation_rows
 
 HEAD = "bert-classification"
 RHO, LR, STEPS = 0.05, 0.5, 3
@@ -50,9 +52,10 @@ def _sam_direction(g):
     return {n: v / (norm + 1e-12) for n, v in g.items()}
 
 
-def reference_hypergradient(optimizer: str, decay: float, objective: str, plain_steps=()) -> float:
+def reference_hypergradient(optimizer: str, decay: float, objective: str, plain_steps=(), train_batch: int = 0) -> float:
     """dF/dρ at θ_3 by autograd through the unrolled steps (see the module docstring); the steps in `plain_steps`
-    take no SAM (`sam_policy`): θ_{t+1} = θ'_t − η·P_t(∇L(B_t; θ'_t))."""
+    take no SAM (`sam_policy`): θ_{t+1} = θ'_t − η·P_t(∇L(B_t; θ'_t)). The squared gap's L_train is on
+    B_`train_batch`: B_0, the next batch (the paper's), or B_2, the last one stepped on."""
     model = build_model(HEAD)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     rho = torch.tensor(RHO, dtype=torch.float64, requires_grad=True)
@@ -78,7 +81,7 @@ def reference_hypergradient(optimizer: str, decay: float, objective: str, plain_
     if objective == "val-loss":
         objective_value = val_loss
     else:
-        objective_value = 0.5 * (val_loss - _loss(model, theta, TRAIN_BATCHES[0])) ** 2
+        objective_value = 0.5 * (val_loss - _loss(model, theta, TRAIN_BATCHES[train_batch])) ** 2
     (hypergradient,) = torch.autograd.grad(objective_value, rho)
     return float(hypergradient)
 
@@ -130,6 +133,30 @@ def test_trace_matches_autograd_through_the_unrolled_steps(tmp_path, one_thread,
     assert reference_hypergradient("sgd" if optimizer == "sgd" else "adamw", 0.0, objective) != pytest.approx(
         expected, rel=1e-3
     )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_torch"])
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_last_train_batch_matches_autograd_through_the_unrolled_steps(tmp_path, one_thread, optimizer, decay):
+    """`rho_train_batch="last"`: the update comes at the end of step 2, at θ_3, with L_train on B_2, the batch
+    step 2 stepped on (re-evaluated), instead of B_0 at the start of step 3."""
+    estimator = dict(rho_estimator="trace", rho_trace_decay=decay) if decay else {}
+    trainer = trainer_after_one_update(tmp_path, rho_train_batch="last", optim=optimizer, max_steps=STEPS, **estimator)
+    reference = "sgd" if optimizer == "sgd" else "adamw"
+    expected = reference_hypergradient(reference, decay, "squared-gap", train_batch=STEPS - 1)
+    assert float(trainer.radius.last_grad) == pytest.approx(expected, rel=1e-6)
+    assert reference_hypergradient(reference, decay, "squared-gap") != pytest.approx(expected, rel=1e-3)
+
+
+def test_last_train_batch_resumes_exactly(tmp_path, one_thread):
+    """The update at the end of a step is in the checkpoint written after that step; nothing crosses to the next."""
+    fields = dict(rho_train_batch="last", max_steps=6, save_strategy="steps", save_steps=3)
+    straight = train(HEAD, "lets-sam", str(tmp_path / "straight"), batch=8, **fields)
+    resumed = train(HEAD, "lets-sam", str(tmp_path / "resumed"), batch=8, resume=str(tmp_path / "straight" / "checkpoint-3"),
+                    **fields)
+    assert resumed["rho"] == straight["rho"] != RHO
+    assert resumed["gen_gap"][-3:] == straight["gen_gap"][-3:]
+    torch.testing.assert_close(resumed["theta"], straight["theta"], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("objective", ["squared-gap", "val-loss"])
@@ -192,3 +219,17 @@ def test_antithetic_windows_and_update_match_a_run_by_hand(tmp_path, one_thread)
     theta = _sam_step(model, theta, TRAIN_BATCHES[2], rho * math.exp(-delta))
     for name, p in trainer.model.named_parameters():
         torch.testing.assert_close(p.detach(), theta[name], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "fields, needs",
+    [
+        (dict(sam_scope="local"), "sam_scope='global'"),
+        (dict(rho_estimator="antithetic", rho_update_space="log"), "rho_estimator='one-step' or 'trace'"),
+        (dict(sam_policy="ae-sam"), "sam_policy='every'"),
+    ],
+)
+def test_last_train_batch_refuses_what_it_cannot_follow(tmp_path, fields, needs):
+    with pytest.raises(UsageError, match=re.escape(needs)):
+        LETSConfig(output_dir=str(tmp_path), **{"sam_variant": "sam", "learn_rho": True, "rho_train_batch": "last",
+                                                **fields})
