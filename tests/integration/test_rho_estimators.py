@@ -136,12 +136,15 @@ def test_trace_matches_autograd_through_the_unrolled_steps(tmp_path, one_thread,
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw_torch"])
-@pytest.mark.parametrize("decay", [0.0, 0.5])
-def test_last_train_batch_matches_autograd_through_the_unrolled_steps(tmp_path, one_thread, optimizer, decay):
+@pytest.mark.parametrize("decay, accumulation", [(0.0, 1), (0.5, 1), (0.5, 2)])
+def test_last_train_batch_matches_autograd_through_the_unrolled_steps(tmp_path, one_thread, optimizer, decay,
+                                                                      accumulation):
     """`rho_train_batch="last"`: the update comes at the end of step 2, at θ_3, with L_train on B_2, the batch
-    step 2 stepped on (re-evaluated), instead of B_0 at the start of step 3."""
+    step 2 stepped on (re-evaluated, as 2 micro-batches of 4 with accumulation), instead of B_0 at step 3's start."""
     estimator = dict(rho_estimator="trace", rho_trace_decay=decay) if decay else {}
-    trainer = trainer_after_one_update(tmp_path, rho_train_batch="last", optim=optimizer, max_steps=STEPS, **estimator)
+    trainer = trainer_after_one_update(tmp_path, rho_train_batch="last", optim=optimizer, max_steps=STEPS,
+                                       per_device_train_batch_size=8 // accumulation,
+                                       gradient_accumulation_steps=accumulation, **estimator)
     reference = "sgd" if optimizer == "sgd" else "adamw"
     expected = reference_hypergradient(reference, decay, "squared-gap", train_batch=STEPS - 1)
     assert float(trainer.radius.last_grad) == pytest.approx(expected, rel=1e-6)
