@@ -515,12 +515,13 @@ class LETSArguments:
         """`rho_train_batch="last"` re-evaluates the whole global batch just stepped on, with ∂θ/∂ρ through it."""
         if self.rho_train_batch != "last" or not self.learn_rho:
             return
-        needs = [(self.sam_scope == "local", setting("sam_scope", "global")),
-                 (self.rho_estimator == "antithetic", f"{setting('rho_estimator', 'one-step')} or 'trace'"),
-                 (self.sam_policy != "every", setting("sam_policy", "every"))]
-        missing = [need for broken, need in needs if broken]
-        if missing:
-            raise UsageError(f"{setting('rho_train_batch', 'last')} needs " + ", ".join(missing) + ".")
+        _refuse_unless(setting("rho_train_batch", "last"),
+                       [(self.sam_scope == "local", setting("sam_scope", "global")), *self._needs_of_every_step_tracked()])
+
+    def _needs_of_every_step_tracked(self) -> list[tuple[bool, str]]:
+        """(broken, what to set) for a feature that follows ∂θ/∂ρ through every step, each one a SAM step."""
+        return [(self.rho_estimator == "antithetic", f"{setting('rho_estimator', 'one-step')} or 'trace'"),
+                (self.sam_policy != "every", setting("sam_policy", "every"))]
 
     def _check_signal_probes(self) -> None:
         """The probes follow the estimator's own steps and passes: only where those carry a ∂θ/∂ρ on every step."""
@@ -529,13 +530,10 @@ class LETSArguments:
         bad = [mu for mu in self.rho_signal_probes if not 0 <= mu < 1]
         if bad:
             raise UsageError(f"{setting('rho_signal_probes')} are trace decays in [0, 1), got {bad}.")
-        needs = [(not self.learn_rho, setting("learn_rho", True)),
-                 (self.rho_estimator == "antithetic", f"{setting('rho_estimator', 'one-step')} or 'trace'"),
-                 (self.rho_hessian == "exact", f"{setting('rho_hessian', 'diagonal')} or 'identity'"),
-                 (self.sam_policy != "every", setting("sam_policy", "every"))]
-        missing = [need for broken, need in needs if broken]
-        if missing:
-            raise UsageError(f"{setting('rho_signal_probes')} needs " + ", ".join(missing) + ".")
+        _refuse_unless(setting("rho_signal_probes"), [
+            (not self.learn_rho, setting("learn_rho", True)), *self._needs_of_every_step_tracked(),
+            (self.rho_hessian == "exact", f"{setting('rho_hessian', 'diagonal')} or 'identity'"),
+        ])
 
     def _check_evidence_rule(self) -> None:
         if self.rho_evidence_threshold <= 0 or self.rho_evidence_min_updates < 2 or self.rho_evidence_factor <= 1:
@@ -592,6 +590,13 @@ class LETSArguments:
                 f"{setting('rho_estimator', 'trace')} (which carries ∂θ/∂ρ across plain steps) or "
                 f"{setting('rho_estimator', 'antithetic')}, or another policy."
             )
+
+
+def _refuse_unless(feature: str, needs: list[tuple[bool, str]]) -> None:
+    """Refuses `feature` when a condition of `needs` (broken, what to set) is broken, naming every setting to change."""
+    missing = [need for broken, need in needs if broken]
+    if missing:
+        raise UsageError(f"{feature} needs " + ", ".join(missing) + ".")
 
 
 #: `LETSArguments`' fields in the sections of its docstring, as `lets-hf <task> --help` lists them.

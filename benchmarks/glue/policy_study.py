@@ -12,7 +12,6 @@ Writes <out_dir>/quality.md, labelled PARTIAL while runs are missing.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -130,13 +129,8 @@ def write_report(out_dir: Path, study_dir: Path, tasks, seeds: int) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser = run.study_parser(__doc__, TASKS, DEFAULT_OUT_DIR, STUDY_DIR, "the SAM grid and AdamW")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR))
-    parser.add_argument("--study_dir", default=str(STUDY_DIR), help="issue #15's runs: the SAM grid and AdamW")
-    parser.add_argument("--data_dir", default=str(run.DEFAULT_DATA_DIR))
-    parser.add_argument("--report_only", action="store_true", help="write quality.md from the saved runs only")
     args = parser.parse_args(argv)
     out_dir, study_dir = Path(args.out_dir), Path(args.study_dir)
     rhos = oracle_rhos(study_dir, args.tasks)

@@ -194,6 +194,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def study_parser(doc: str, tasks, out_dir: Path, study_dir: Path, study_runs: str) -> argparse.ArgumentParser:
+    """The arguments every study script built on these runs shares (its tasks, folders and --report_only)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", choices=tasks, default=list(tasks))
+    parser.add_argument("--out_dir", default=str(out_dir))
+    parser.add_argument("--study_dir", default=str(study_dir), help=f"issue #15's runs: {study_runs}")
+    parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR))
+    parser.add_argument("--report_only", action="store_true", help="write the report from the saved runs only")
+    return parser
+
+
 def resolve_profile(args: argparse.Namespace) -> Profile:
     """The chosen profile with the command-line overrides applied."""
     profile = PROFILES[args.profile]

@@ -18,7 +18,6 @@ validation split leaves), each estimator's t against ρ below, zero and ±2 mark
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -205,13 +204,7 @@ def write_report(out_dir: Path, study_dir: Path, tasks) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--out_dir", default=str(DEFAULT_OUT_DIR))
-    parser.add_argument("--study_dir", default=str(STUDY_DIR), help="issue #15's runs: the SAM grid")
-    parser.add_argument("--data_dir", default=str(run.DEFAULT_DATA_DIR))
-    parser.add_argument("--report_only", action="store_true", help="write the report from the saved runs only")
-    args = parser.parse_args(argv)
+    args = run.study_parser(__doc__, TASKS, DEFAULT_OUT_DIR, STUDY_DIR, "the SAM grid").parse_args(argv)
     out_dir, study_dir = Path(args.out_dir), Path(args.study_dir)
     if not args.report_only:
         for task, methods, seeds in planned(grid_best(study_dir, args.tasks), args.tasks):
