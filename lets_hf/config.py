@@ -32,6 +32,7 @@ RHO_HESSIANS = ("diagonal", "exact", "identity")
 RHO_ESTIMATORS = ("one-step", "trace", "antithetic")
 RHO_OBJECTIVES = ("squared-gap", "val-loss")
 RHO_TRAIN_BATCHES = ("next", "last")
+RHO_VAL_BATCHES = ("held-out", "next")
 RHO_UPDATE_SPACES = ("linear", "log")
 
 logger = logging.get_logger(__name__)
@@ -115,9 +116,15 @@ class LETSArguments:
             batch about to be stepped on, from its first pass: in the first epoch no step has seen it yet,
             so the gap is zero in expectation until the data repeats. `"last"`: B_t, the batch θ_{t+1} was
             just stepped on, re-evaluated right after that step (one more forward and backward per ρ
-            update): a gap from the first step on. The update then happens at the end of step t instead of
-            the start of step t+1 (the same θ_{t+1}, u and validation batch). Needs `sam_scope="global"`,
-            the one-step or trace estimator and `sam_policy="every"`.
+            update; its loss and inner products are kept for the update at the start of step t+1): a gap
+            from the first step on. Needs `sam_scope="global"`, the one-step or trace estimator and
+            `sam_policy="every"`.
+        rho_val_batch (`str`, defaults to `"held-out"`):
+            The batch whose loss is L_val. `"held-out"` (the paper's): a batch of `rho_dataset` or of the
+            `rho_val_fraction` split of the train set, which is then never trained on. `"next"`: the next
+            training batch, from its first pass (not yet trained on in the first epoch, once less than the
+            last batch later): nothing is held out and no validation pass runs. Needs
+            `rho_train_batch="last"` (with "next" both losses would be the same batch's).
         rho_update_space (`str`, defaults to `"linear"`):
             `"linear"`: the ρ optimizer steps ρ (the paper's). `"log"`: it steps log ρ with the
             hypergradient ρ·dF/dρ, so `rho_lr` is a relative change and one value serves any ρ₀.
@@ -271,6 +278,13 @@ class LETSArguments:
             "the first epoch) or 'last' (the batch just stepped on, re-evaluated: one more pass per ρ update)."
         },
     )
+    rho_val_batch: str = field(
+        default="held-out",
+        metadata={
+            "help": "L_val: 'held-out' (a batch held out from training, the paper's) or 'next' (the next training "
+            "batch's first pass: nothing held out; needs rho_train_batch='last')."
+        },
+    )
     rho_update_space: str = field(
         default="linear",
         metadata={"help": "'linear': step ρ (the paper's); 'log': step log ρ (rho_lr is then a relative change)."},
@@ -420,7 +434,8 @@ class LETSArguments:
         _check_choice("rho_estimator", self.rho_estimator, RHO_ESTIMATORS)
         _check_choice("rho_objective", self.rho_objective, RHO_OBJECTIVES)
         _check_choice("rho_train_batch", self.rho_train_batch, RHO_TRAIN_BATCHES)
-        self._check_last_train_batch()
+        _check_choice("rho_val_batch", self.rho_val_batch, RHO_VAL_BATCHES)
+        self._check_gap_batches()
         _check_choice("rho_update_space", self.rho_update_space, RHO_UPDATE_SPACES)
         if not 0 <= self.rho_trace_decay < 1:
             raise UsageError(
@@ -511,8 +526,12 @@ class LETSArguments:
                 "(DDP over gloo on the CPU), or launch one process."
             )
 
-    def _check_last_train_batch(self) -> None:
-        """`rho_train_batch="last"` re-evaluates the whole global batch just stepped on, with ∂θ/∂ρ through it."""
+    def _check_gap_batches(self) -> None:
+        """`rho_val_batch="next"` needs the other loss on another batch; `rho_train_batch="last"` re-evaluates the
+        whole global batch just stepped on, with ∂θ/∂ρ through it."""
+        if self.rho_val_batch == "next" and self.learn_rho:
+            _refuse_unless(setting("rho_val_batch", "next"), [(self.rho_train_batch != "last",
+                                                               setting("rho_train_batch", "last"))])
         if self.rho_train_batch != "last" or not self.learn_rho:
             return
         _refuse_unless(setting("rho_train_batch", "last"),
@@ -608,7 +627,7 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "Learned radius (LETS)": (
         "learn_rho", "rho_estimator", "rho_trace_decay", "rho_antithetic_delta", "rho_antithetic_batches",
-        "rho_objective", "rho_train_batch", "rho_update_space", "rho_lr", "rho_optimizer", "rho_step_rule", "rho_evidence_threshold",
+        "rho_objective", "rho_train_batch", "rho_val_batch", "rho_update_space", "rho_lr", "rho_optimizer", "rho_step_rule", "rho_evidence_threshold",
         "rho_evidence_min_updates", "rho_evidence_factor", "rho_min", "rho_max", "rho_hessian",
         "rho_update_interval", "rho_batch_size", "rho_val_fraction", "rho_seed", "rho_diagnostics_window",
         "rho_signal_probes",

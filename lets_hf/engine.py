@@ -37,7 +37,7 @@ import torch
 from .config import check_rho_within_bounds
 from .diagnostics import StepMetrics
 from .distributed import GradientAverager, check_distributed_type
-from .errors import UsageError
+from .errors import UsageError, setting
 from .hypergradient import Hypergradient
 from .nonfinite import NonFiniteGuard
 from .passes import LoopPasses, SingleProcess, synced_on_last
@@ -94,8 +94,16 @@ class LETSEngine:
         rho0 = initial_rho(args)
         if args.learn_rho:
             check_rho_within_bounds(rho0, args.rho_min, args.rho_max)
-            if rho_batches is None:
-                raise UsageError("learn_rho=True needs validation data: pass rho_batches (held out from training).")
+            if rho_batches is None and args.rho_val_batch == "held-out":
+                raise UsageError(
+                    "learn_rho=True needs validation data: pass rho_batches (held out from training), or set "
+                    f"{setting('rho_val_batch', 'next')} (the next training batch, with rho_train_batch='last')."
+                )
+            if args.rho_val_batch == "next" and rho_batches is not None:
+                raise UsageError(
+                    f"{setting('rho_val_batch', 'next')} validates on the next training batch: rho_batches would go "
+                    "unused. Drop them, or set rho_val_batch='held-out'."
+                )
             rho_batches = rho_batches() if callable(rho_batches) else rho_batches
         self.radius = Radius(args, rho0, self.accelerator.device)
         self.hypergradient = Hypergradient(self, rho_batches)
@@ -170,8 +178,8 @@ class LETSEngine:
             elif self._step_tracked:
                 params = trainable(self.model)[1]
                 self.radius.apply_descent_jacobian_(self.optimizer, params, self.radius.directions_like(params))
-                if self.radius.update_due_after_step(self.global_step):
-                    self.hypergradient.update_rho_on_stepped_batch(self.model, params, self._stepped)
+                if self.radius.measures_stepped_batch(self.global_step, self.max_steps):
+                    self.hypergradient.measure_stepped_batch(self.model, params, self._stepped)
             elif self.radius.tracks_step(self.global_step):
                 self.radius.plain_step_untracked()
             self.radius.step_done()
@@ -224,7 +232,7 @@ class LETSEngine:
                 self.hypergradient.clip_coefficient(model)
             self.policy.after_sam_step_(names, [p.grad for p in params])
         self._record_sam_step()
-        self._stepped = self._cached if self.radius.after_step else []  # `rho_train_batch="last"` re-evaluates it
+        self._stepped = self._cached if self.args.rho_train_batch == "last" else []  # measured after the step
         self._cached, self._first_losses = [], []
         return loss
 

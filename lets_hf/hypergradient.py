@@ -31,15 +31,16 @@ class Hypergradient:
         self._fixed_batches = None  # the antithetic estimator's, drawn at its first window boundary
         self._hvp_by_double_backward = True
 
-    def update_rho_on_stepped_batch(self, model, params, batches) -> None:
-        """`rho_train_batch="last"`, right after step t: L_train and its gradient on B_t (this rank's
-        micro-batches `batches`, scaled as the loop scales them) at θ_{t+1}, then the update. The pass draws its
-        dropout from a stream of its own (as the validation pass), so later training steps draw as without it."""
+    def measure_stepped_batch(self, model, params, batches) -> None:
+        """`rho_train_batch="last"`, right after step t: L_train and ⟨∇L_train, h⟩ for u_t and each probe on B_t
+        (this rank's micro-batches `batches`, scaled as the loop scales them) at θ_{t+1}, averaged over ranks and
+        kept for the update at the start of step t+1 (`Radius.stepped_batch`, in the checkpoint). The pass draws its
+        dropout from a stream of its own, so the training steps draw as without it."""
         engine, losses = self.engine, []
-        seed = self.rho_batches.pass_seed() ^ (1 << 62)  # not a validation pass's: those have bit 62 clear
+        seed = (engine.args.rho_seed << 40) ^ (engine.global_step << 12) ^ engine.accelerator.process_index | 1 << 62
 
         def loss_of(model, batch):
-            with own_random_stream(seed + len(losses), engine.accelerator.device):
+            with own_random_stream(seed + (len(losses) << 32), engine.accelerator.device):
                 loss = self._micro_batch_loss(model, batch)
             losses.append(loss.detach())
             return loss
@@ -47,33 +48,43 @@ class Hypergradient:
         grads = self.sum_gradients(engine.accelerator.unwrap_model(model), params, batches, loss_of)
         if not engine.sharded:
             engine.average_grads(grads)
-        self.update_rho(model, params, grads, torch.stack(losses).sum(), batches, micro_batches=1, train_gradient=True)
+        dots = [global_dot(grads, h) for h in engine.directions_for(params, model)]
+        engine.radius.stepped_batch = average_scalars(torch.stack([torch.stack(losses).sum(), *dots]).double())
 
-    def update_rho(self, model, params, grads, train_loss, batches, micro_batches: int,
-                   train_gradient: bool = False) -> None:
+    def update_rho(self, model, params, grads, first_loss, batches, micro_batches: int) -> None:
         """One upper-level step at θ_{t+1}: the gap L_val − L_train and the inner product of the objective,
-        ⟨∇L_val − g, u⟩ (squared gap) or ⟨∇L_val, u⟩ (val-loss); `Radius.update` combines them. The
+        ⟨∇L_val − ∇L_train, u⟩ (squared gap) or ⟨∇L_val, u⟩ (val-loss); `Radius.update` combines them. The
         antithetic estimator instead measures the validation loss at its window boundary.
 
-        `grads` is the first-pass gradient of `batches`, scaled by 1/`micro_batches` as the loop
-        scales the loss for accumulation. Rules whose first pass descends on a surrogate pay
-        one more backward here for the gradient of the training loss (squared gap only), unless
-        `train_gradient` says `grads` already is that gradient.
+        `first_loss` and `grads` are the first pass's loss and gradient on `batches` (B_{t+1}), scaled by
+        1/`micro_batches` as the loop scales the loss for accumulation. L_train is B_{t+1}'s (`rho_train_batch`
+        "next", the paper's) or B_t's, measured at the end of step t ("last"); L_val is a held-out batch's
+        (`rho_val_batch` "held-out") or B_{t+1}'s ("next"). Rules whose first pass descends on a surrogate pay one
+        more backward here for the gradient of B_{t+1}'s training loss, where it is used.
         """
         engine, radius = self.engine, self.engine.radius
         if radius.antithetic:
-            self._antithetic_boundary(model, train_loss)
+            self._antithetic_boundary(model, first_loss)
             return
         directions = engine.directions_for(params, model)  # u, then the signal probes
         with_train = radius.needs_train_gradient or bool(radius.probe_decays)
-        if with_train and not train_gradient and engine.rule.first_pass_loss is not None:  # ∇Q: take ∇L_train
+        train_from_first_pass = with_train and engine.args.rho_train_batch == "next"
+        val_from_first_pass = engine.args.rho_val_batch == "next"
+        if (train_from_first_pass or val_from_first_pass) and engine.rule.first_pass_loss is not None:  # ∇Q: ∇L
             grads = self.sum_gradients(engine.accelerator.unwrap_model(model), params, batches)
             if engine.args.sam_scope == "global" and not engine.sharded:
                 engine.average_grads(grads)
-        val_loss, val_dots = self._validation_pass(model, params, directions)
-        train_dots = [global_dot(grads, h) * micro_batches for h in directions] if with_train else None
+        first_dots = [global_dot(grads, h) * micro_batches for h in directions] if with_train or val_from_first_pass else None
+        if val_from_first_pass:
+            val_loss, val_dots = first_loss.detach(), first_dots
+        else:
+            val_loss, val_dots = self._validation_pass(model, params, directions)
+        if engine.args.rho_train_batch == "last":
+            train_loss, *train_dots = radius.stepped_batch
+        else:
+            train_loss, train_dots = first_loss.detach(), first_dots
         inner = val_dots[0] - train_dots[0] if radius.needs_train_gradient else val_dots[0]
-        scalars = [val_loss.double(), inner.double(), train_loss.detach().double()]
+        scalars = [val_loss.double(), inner.double(), train_loss.double()]
         for val_dot, train_dot in zip(val_dots[1:], train_dots[1:] if train_dots else []):
             scalars += [val_dot.double(), train_dot.double()]
         val_loss, inner, train_loss, *probe_dots = average_scalars(torch.stack(scalars))

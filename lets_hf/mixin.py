@@ -59,7 +59,7 @@ class LETSMixin(CheckpointHooks, LossNormalizationHooks):
             self._use_non_reentrant_checkpointing()
         self.engine = LETSEngine(
             self.model, self.optimizer, args, passes=_TrainerPasses(self), accelerator=self.accelerator,
-            rho_batches=self.get_rho_batches if args.learn_rho else None,
+            rho_batches=self.get_rho_batches if args.learn_rho and args.rho_val_batch == "held-out" else None,
             max_grad_norm=args.max_grad_norm, peak_lr=args.learning_rate,
         )
         self.add_callback(_EngineSteps(self))
@@ -98,6 +98,13 @@ class LETSMixin(CheckpointHooks, LossNormalizationHooks):
         """`rho_dataset` as the trainer prepares datasets, or a held-out split of the prepared train set."""
         if not self.args.learn_rho:
             return rho_dataset
+        if self.args.rho_val_batch == "next":  # nothing held out: the next training batch is the validation batch
+            if rho_dataset is not None:
+                raise UsageError(
+                    f"{setting('rho_val_batch', 'next')} validates on the next training batch: rho_dataset would go "
+                    "unused. Drop it, or set rho_val_batch='held-out'."
+                )
+            return None
         if rho_dataset is not None:
             rho_dataset = self._prepare_rho_dataset(rho_dataset)
         elif self.train_dataset is None:

@@ -54,6 +54,7 @@ class Radius:
         self.probes: list[list[torch.Tensor]] = []  # the signal probes' traces (`rho_signal_probes`), like u
         self._kept: list[list[torch.Tensor] | None] = []  # per direction, μ·h_t while it holds w_t (traces only)
         self._kept_buffers: dict[int, list[torch.Tensor]] = {}  # allocated once per direction
+        self.stepped_batch: torch.Tensor | None = None  # `rho_train_batch="last"`: B_t's [L, ⟨∇L, h⟩ per direction]
         self.u_valid = False
         self.clip_coef = torch.ones((), dtype=torch.float64, device=device)
         self.step = torch.zeros((), dtype=torch.float64, device=device)
@@ -74,18 +75,19 @@ class Radius:
     # -- when to do the work ---------------------------------------------------------
     def update_due(self, global_step: int) -> bool:
         """An update at step t uses u_{t−1}: only every `rho_update_interval`-th step. The antithetic
-        estimator measures at every window boundary, step 0 included. With `rho_train_batch="last"` the
-        update comes at the end of step t − 1 instead (`update_due_after_step`)."""
+        estimator measures at every window boundary, step 0 included. With `rho_train_batch="last"` it also
+        needs B_{t−1}'s loss, measured at the end of step t − 1 (a checkpoint from a run without it has none)."""
         ready = self.u_valid or self.antithetic
-        return self.learn and ready and global_step % self.args.rho_update_interval == 0 and not self.after_step
+        if self.args.rho_train_batch == "last" and self.stepped_batch is None:
+            ready = False
+        return self.learn and ready and global_step % self.args.rho_update_interval == 0
 
-    @property
-    def after_step(self) -> bool:
-        return self.learn and self.args.rho_train_batch == "last"
-
-    def update_due_after_step(self, global_step: int) -> bool:
-        """`rho_train_batch="last"`: step t, just finished with u_t valid, is followed by an update."""
-        return self.after_step and self.u_valid and (global_step + 1) % self.args.rho_update_interval == 0
+    def measures_stepped_batch(self, global_step: int, max_steps: int | None) -> bool:
+        """`rho_train_batch="last"`: step t, just finished with u_t, is followed by an update that needs B_t (unless
+        it was the run's last step)."""
+        last_step = max_steps is not None and global_step + 1 >= max_steps
+        return (self.learn and self.args.rho_train_batch == "last" and not last_step
+                and (global_step + 1) % self.args.rho_update_interval == 0)
 
     def tracks_step(self, global_step: int) -> bool:
         """One-step: step t needs u_t only if step t+1 updates ρ. The trace follows every step."""
@@ -272,6 +274,7 @@ class Radius:
             "first_window_change": self.first_window_change,
             "evidence": self.evidence.tensors() if self.evidence is not None else None,
             "probes": self.probes,
+            "stepped_batch": self.stepped_batch,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -287,6 +290,9 @@ class Radius:
             self.first_window_change.copy_(state["first_window_change"])
         if len(state.get("probes", [])) == len(self.probe_decays):  # other probes: theirs start afresh
             self.probes = [[t.to(self.value.device) for t in probe] for probe in state.get("probes", [])]
+        self.stepped_batch = state.get("stepped_batch")  # absent before rho_train_batch
+        if self.stepped_batch is not None:
+            self.stepped_batch = self.stepped_batch.to(self.value.device)
         if self.evidence is not None and state.get("evidence") is not None:  # absent before the evidence rule
             for tensor, saved in zip(self.evidence.tensors(), state["evidence"]):
                 tensor.copy_(saved)

@@ -35,8 +35,10 @@ ESTIMATORS = {
     "antithetic": dict(
         rho_estimator="antithetic", rho_update_space="log", rho_antithetic_batches=1, rho_optimizer="adam", rho_lr=0.1
     ),
-    # L_train on the batch just stepped on: an update at the end of every step (3, not 2), one more backward each
+    # L_train on the batch just stepped on (one more backward per update, at the end of the step before it), and
+    # with L_val on the next training batch's first pass (nothing held out, no validation pass)
     "last-batch": dict(rho_train_batch="last"),
+    "next-batch": dict(rho_train_batch="last", rho_val_batch="next"),
 }
 #: LETS-SAM under each cheap `sam_policy` (each run as the "lets-sam" case with these fields): the 3 steps mix SAM and
 #: plain steps, and ρ is updated once (SAM_STEPS; the tests check both). LookSAM (k = 2: SAM at 0 and 2) needs the
@@ -185,7 +187,7 @@ def train(
         model=(build_model(head) if model is None else model).to(dtype),
         args=args,
         train_dataset=train_rows(head, balanced),
-        rho_dataset=validation_rows(head, balanced) if learn_rho else None,
+        rho_dataset=validation_rows(head, balanced) if learn_rho and args.rho_val_batch == "held-out" else None,
     )
     trainer.train(resume_from_checkpoint=resume)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]

@@ -235,6 +235,7 @@ LETS_OPTIONS = {
     "exact": {"rho_hessian": "exact"},
     "frozen": {"rho_optimizer": "sgd", "rho_lr": 1e-300},  # ρ never moves: what LETS's machinery costs by itself
     "last": {"rho_train_batch": "last"},  # L_train on the batch just stepped on (a gap in the first epoch too)
+    "next": {"rho_train_batch": "last", "rho_val_batch": "next"},  # + L_val on the next batch: nothing held out
     # the signal map's probes (issue #44): the one-step estimator and traces of 3 memories beside the estimator
     "probes": {"rho_signal_probes": [0.0, 0.9, 0.99, 0.999]},
     # SAM on some steps only (issue #45), with the policies' default knobs: `sam@0.02+ae-sam`

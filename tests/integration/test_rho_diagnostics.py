@@ -86,3 +86,20 @@ def test_a_frozen_rho_trains_exactly_as_sam_on_the_same_examples(tmp_path, one_t
     assert torch.equal(flat_parameters(lets.model), flat_parameters(sam.model))
     updates = [entry for entry in lets.state.log_history if "gen_gap" in entry]
     assert len(updates) == 5  # the validation passes ran (and drew dropout masks)
+
+
+def test_a_frozen_rho_with_nothing_held_out_trains_exactly_as_sam_on_the_whole_train_set(tmp_path, one_thread):
+    """`rho_val_batch="next"` with `rho_train_batch="last"`: nothing held out, and the re-evaluation of the batch
+    just stepped on draws dropout from its own stream: with ρ frozen, LETS's parameters equal SAM's on all of
+    train, bit for bit, dropout on."""
+    rows = train_rows(HEAD) * 2
+    fields = dict(rho_optimizer="sgd", rho_lr=1e-300, rho_train_batch="last", rho_val_batch="next")
+    lets = LETSTrainer(model=_with_dropout(build_model(HEAD)), args=_args(tmp_path / "lets", **fields),
+                       train_dataset=rows)
+    lets.train()
+    assert lets.rho == 0.05 and len(lets.train_dataset) == len(rows)
+    sam = LETSTrainer(model=_with_dropout(build_model(HEAD)), args=_args(tmp_path / "sam", learn_rho=False),
+                      train_dataset=rows)
+    sam.train()
+    assert torch.equal(flat_parameters(lets.model), flat_parameters(sam.model))
+    assert len([entry for entry in lets.state.log_history if "gen_gap" in entry]) == 5  # the passes ran

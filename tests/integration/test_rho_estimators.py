@@ -52,10 +52,11 @@ def _sam_direction(g):
     return {n: v / (norm + 1e-12) for n, v in g.items()}
 
 
-def reference_hypergradient(optimizer: str, decay: float, objective: str, plain_steps=(), train_batch: int = 0) -> float:
+def reference_hypergradient(optimizer: str, decay: float, objective: str, plain_steps=(), train_batch: int = 0,
+                            val_batch: dict = VAL_BATCH) -> float:
     """dF/dρ at θ_3 by autograd through the unrolled steps (see the module docstring); the steps in `plain_steps`
     take no SAM (`sam_policy`): θ_{t+1} = θ'_t − η·P_t(∇L(B_t; θ'_t)). The squared gap's L_train is on
-    B_`train_batch`: B_0, the next batch (the paper's), or B_2, the last one stepped on."""
+    B_`train_batch`: B_0, the next batch (the paper's), or B_2, the last one stepped on; L_val on `val_batch`."""
     model = build_model(HEAD)
     theta = {n: p.detach().clone() for n, p in model.named_parameters()}
     rho = torch.tensor(RHO, dtype=torch.float64, requires_grad=True)
@@ -77,7 +78,7 @@ def reference_hypergradient(optimizer: str, decay: float, objective: str, plain_
         denom = {n: v[n].sqrt() / math.sqrt(1 - BETAS[1] ** step) + EPS for n in theta}
         theta = {n: traced[n] - LR / (1 - BETAS[0] ** step) * m_new[n] / denom[n] for n in theta}
         m = m_new
-    val_loss = _loss(model, theta, VAL_BATCH)
+    val_loss = _loss(model, theta, val_batch)
     if objective == "val-loss":
         objective_value = val_loss
     else:
@@ -112,9 +113,10 @@ def trainer_after_one_update(tmp_path, **overrides) -> LETSTrainer:
         adam_epsilon=EPS, max_steps=STEPS + 1, train_sampling_strategy="sequential", report_to="none",
         save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, use_cpu=True,
     )
+    args = LETSConfig(**{**settings, **overrides})
     trainer = LETSTrainer(
-        model=build_model(HEAD), args=LETSConfig(**{**settings, **overrides}),
-        train_dataset=train_rows(HEAD), rho_dataset=validation_rows(HEAD),
+        model=build_model(HEAD), args=args, train_dataset=train_rows(HEAD),
+        rho_dataset=validation_rows(HEAD) if args.rho_val_batch == "held-out" else None,
     )
     trainer.train()
     return trainer
@@ -139,16 +141,30 @@ def test_trace_matches_autograd_through_the_unrolled_steps(tmp_path, one_thread,
 @pytest.mark.parametrize("decay, accumulation", [(0.0, 1), (0.5, 1), (0.5, 2)])
 def test_last_train_batch_matches_autograd_through_the_unrolled_steps(tmp_path, one_thread, optimizer, decay,
                                                                       accumulation):
-    """`rho_train_batch="last"`: the update comes at the end of step 2, at θ_3, with L_train on B_2, the batch
-    step 2 stepped on (re-evaluated, as 2 micro-batches of 4 with accumulation), instead of B_0 at step 3's start."""
+    """`rho_train_batch="last"`: the update at θ_3 takes L_train on B_2, the batch step 2 stepped on (re-evaluated
+    right after it, as 2 micro-batches of 4 with accumulation), instead of B_0, the next one."""
     estimator = dict(rho_estimator="trace", rho_trace_decay=decay) if decay else {}
-    trainer = trainer_after_one_update(tmp_path, rho_train_batch="last", optim=optimizer, max_steps=STEPS,
+    trainer = trainer_after_one_update(tmp_path, rho_train_batch="last", optim=optimizer,
                                        per_device_train_batch_size=8 // accumulation,
                                        gradient_accumulation_steps=accumulation, **estimator)
     reference = "sgd" if optimizer == "sgd" else "adamw"
     expected = reference_hypergradient(reference, decay, "squared-gap", train_batch=STEPS - 1)
     assert float(trainer.radius.last_grad) == pytest.approx(expected, rel=1e-6)
     assert reference_hypergradient(reference, decay, "squared-gap") != pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_torch"])
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_next_validation_batch_matches_autograd_through_the_unrolled_steps(tmp_path, one_thread, optimizer, decay):
+    """`rho_val_batch="next"`: nothing held out; the update at θ_3 takes L_val on B_3 = B_0 (the next batch's first
+    pass) and L_train on B_2, the batch just stepped on."""
+    estimator = dict(rho_estimator="trace", rho_trace_decay=decay) if decay else {}
+    trainer = trainer_after_one_update(tmp_path, rho_train_batch="last", rho_val_batch="next", optim=optimizer,
+                                       **estimator)
+    assert trainer.rho_dataset is None and len(trainer.train_dataset) == 8 * STEPS  # nothing held out
+    reference = "sgd" if optimizer == "sgd" else "adamw"
+    expected = reference_hypergradient(reference, decay, "squared-gap", train_batch=STEPS - 1, val_batch=TRAIN_BATCHES[0])
+    assert float(trainer.radius.last_grad) == pytest.approx(expected, rel=1e-6)
 
 
 def test_last_train_batch_resumes_exactly(tmp_path, one_thread):
@@ -230,9 +246,17 @@ def test_antithetic_windows_and_update_match_a_run_by_hand(tmp_path, one_thread)
         (dict(sam_scope="local"), "sam_scope='global'"),
         (dict(rho_estimator="antithetic", rho_update_space="log"), "rho_estimator='one-step' or 'trace'"),
         (dict(sam_policy="ae-sam"), "sam_policy='every'"),
+        (dict(rho_train_batch="next", rho_val_batch="next"), "rho_val_batch='next' needs rho_train_batch='last'"),
     ],
 )
 def test_last_train_batch_refuses_what_it_cannot_follow(tmp_path, fields, needs):
     with pytest.raises(UsageError, match=re.escape(needs)):
         LETSConfig(output_dir=str(tmp_path), **{"sam_variant": "sam", "learn_rho": True, "rho_train_batch": "last",
                                                 **fields})
+
+
+def test_next_validation_batch_refuses_held_out_data_it_would_ignore(tmp_path):
+    args = LETSConfig(output_dir=str(tmp_path), sam_variant="sam", learn_rho=True, rho_train_batch="last",
+                      rho_val_batch="next", use_cpu=True, report_to="none")
+    with pytest.raises(UsageError, match="rho_dataset would go unused"):
+        LETSTrainer(model=build_model(HEAD), args=args, train_dataset=train_rows(HEAD), rho_dataset=validation_rows(HEAD))
