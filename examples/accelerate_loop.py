@@ -175,7 +175,7 @@ def load_splits(config: LoopConfig, task, tokenizer, accelerator: Accelerator):
     with accelerator.main_process_first():
         encoded = tokenize_glue(splits, tokenizer, task, config.max_seq_length)
     train, rho = encoded["train"], None
-    if config.learn_rho:  # the same fixed split on every rank, as LETSTrainer holds it out
+    if config.learn_rho and config.rho_val_batch == "held-out":  # the same fixed split on every rank, as LETSTrainer
         count = antithetic_held_out(config, config.per_device_train_batch_size, accelerator.num_processes)
         train, rho = split_for_rho(train, config.rho_val_fraction, config.rho_seed, count)
     return train, rho, {dev.hub_split: encoded[dev.hub_split] for dev in task.dev_splits}
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accelerator.register_for_checkpointing(scheduler)
 
     rho_batches = None
-    if config.learn_rho:  # made by the engine once it has checked the settings
+    if config.learn_rho and config.rho_val_batch == "held-out":  # made by the engine once it has checked the settings
         batch_size = validation_batch_size(config, config.per_device_train_batch_size)
         rho_batches = functools.partial(RhoBatches, rho_set, collator, batch_size, accelerator.num_processes,
                                         accelerator.process_index, config.rho_seed)

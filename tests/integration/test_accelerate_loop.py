@@ -77,12 +77,13 @@ def test_the_last_step_is_logged_so_the_curves_reach_the_end_of_training(tiny_mo
     assert [entry["step"] for entry in train_logs] == [3, 4] and all("gen_gap" in entry for entry in train_logs)
 
 
-def test_a_resumed_run_equals_the_uninterrupted_one(tiny_model, tmp_path):
+@pytest.mark.parametrize("gap_batches", [{}, {"rho_train_batch": "last", "rho_val_batch": "next"}])
+def test_a_resumed_run_equals_the_uninterrupted_one(tiny_model, tmp_path, gap_batches):
     """36 train rows in micro-batches of 4, 2 per step: 5 steps per epoch (the last of 1 micro-batch). The run stops
     after step 7, in epoch 2; resuming from step 3 (mid-epoch) must restore θ, AdamW, the schedule, ρ and its Adam
     state, ∂θ/∂ρ, the ρ validation stream, the data order, accelerate's micro-batch count and the dropout
-    stream."""
-    run = dict(max_train_steps=7, gradient_accumulation_steps=2, checkpointing_steps=3)
+    stream; with nothing held out (`gap_batches`), the loss and inner products of the batch step 2 stepped on."""
+    run = dict(max_train_steps=7, gradient_accumulation_steps=2, checkpointing_steps=3, **gap_batches)
     whole = tmp_path / "whole"
     accelerate_loop.main(flags(tiny_model, whole, **run))
     assert sorted(p.name for p in whole.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
