@@ -6,8 +6,12 @@
 Each run is LETS-SAM with ρ frozen (`+frozen`: SGD on ρ with a negligible step) under the study profile
 (`run.py --profile study`), a ρ update on every step (`+k1`) and the signal probes (`+probes`, `rho_signal_probes`
 0, 0.9, 0.99, 0.999): on the same steps and validation batches it logs dF/dρ of the one-step estimator and of
-traces with those memories, under both objectives (squared gap, validation loss). Seed 0 at every ρ of RHOS, then
-seeds 1 and 2 at the map's two ρ values around the task's best (issue #15's SAM grid, 3 seeds), task by task.
+traces with those memories, under both objectives (squared gap, validation loss). Two ways to measure the gap
+(VARIANTS): the paper's (L_val on a held-out batch, 10% of train held out; L_train on the next batch) and nothing
+held out (`+next`: L_val on the next batch, L_train on the one just stepped on; such a frozen run trains exactly as
+SAM on the whole train set, so it is also SAM's grid point at that ρ). Order: the paper's at seed 0 at every ρ of
+RHOS, task by task; then nothing held out, the same way; then seeds 1 and 2 at the map's two ρ values around the
+task's best (issue #15's SAM grid, 3 seeds), both variants.
 
 The report, per task, estimator and objective: at each ρ the mean of dF/d log ρ over the run (ρ·dF/dρ), its
 t-statistic (over the log windows' means: 5 updates each, pooled over seeds), the same in the first epoch and
@@ -41,7 +45,9 @@ RHO_STUDY_DIR = RESULTS / "glue-rho-study"  # issue #34: SAM at 0.2 on some task
 DEFAULT_OUT_DIR = RESULTS / "rho-signal-map"
 TASKS = ("cola", "mrpc", "stsb")
 RHOS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
-METHOD = "lets-sam@{rho:g}+frozen+k1+probes"
+#: How the gap is measured -> the method's suffix (see the module docstring).
+VARIANTS = {"held out (the paper's)": "", "nothing held out (next/last)": "+next"}
+METHOD = "lets-sam@{rho:g}+frozen+k1+probes{variant}"
 PROBES = run.LETS_OPTIONS["probes"]["rho_signal_probes"]
 OBJECTIVES = {"squared_gap": "squared gap", "val_loss": "val loss"}
 ESTIMATOR_NAMES = {0.0: "one-step", 0.9: "trace μ=0.9", 0.99: "trace μ=0.99", 0.999: "trace μ=0.999"}
@@ -64,10 +70,16 @@ def around(best: float) -> list[float]:
     return [below, above] if below != best else [RHOS[i + 1], RHOS[i + 2]]
 
 
+def method(rho: float, variant: str) -> str:
+    return METHOD.format(rho=rho, variant=VARIANTS[variant])
+
+
 def planned(best: dict[str, float], tasks) -> list[tuple[str, list[str], list[int]]]:
-    """(task, methods, seeds) in the order they run: seed 0 everywhere first, then the extra seeds."""
-    order = [(task, [METHOD.format(rho=rho) for rho in RHOS], [0]) for task in tasks]
-    return order + [(task, [METHOD.format(rho=rho) for rho in around(best[task])], list(EXTRA_SEEDS)) for task in tasks]
+    """(task, methods, seeds) in the order they run: seed 0 everywhere first (one variant after the other), then
+    the extra seeds."""
+    order = [(task, [method(rho, variant) for rho in RHOS], [0]) for variant in VARIANTS for task in tasks]
+    return order + [(task, [method(rho, variant) for variant in VARIANTS for rho in around(best[task])],
+                     list(EXTRA_SEEDS)) for task in tasks]
 
 
 def key(mu: float, objective: str) -> str:
@@ -104,30 +116,33 @@ def verdict(t: float, rho: float, best: float) -> str:
 
 
 def map_table(table: dict, best: dict[str, float], tasks) -> list[str]:
-    header = ["task", "estimator", "objective", *(f"ρ={rho:g}" for rho in RHOS), "right / significant"]
+    header = ["task", "gap measured", "estimator", "objective", *(f"ρ={rho:g}" for rho in RHOS), "right / significant"]
     lines = ["Per ρ: mean dF/d log ρ over the run, t-statistic [first epoch / later epochs] (seeds), and the verdict: "
              "'right' when the sign pushes ρ towards the grid's best, 'WRONG' when away, '(noise)' when |t| < 2. ", "",
              *table_header(header)]
     for task in tasks:
-        for mu in PROBES:
-            for objective, title in OBJECTIVES.items():
-                cells, right, significant = [], 0, 0
-                for rho in RHOS:
-                    cell = table.get(task, {}).get(METHOD.format(rho=rho))
-                    if cell is None:
-                        cells.append("–")
-                        continue
-                    runs = cell["runs"]
-                    values = signal(runs, mu, objective, rho)
-                    t = _t(values)
-                    first, later = (_t(signal(runs, mu, objective, rho, e)) for e in ("1", "later"))
-                    word = verdict(t, rho, best[task])
-                    right += word.startswith("right")
-                    significant += not word.endswith("(noise)") and word not in ("at best", "–")
-                    cells.append(f"{values.mean():+.2e}, t {_fmt(t)} [{_fmt(first)} / {_fmt(later)}] (n={len(runs)}): {word}")
-                compared = sum(1 for rho in RHOS if rho != best[task] and METHOD.format(rho=rho) in table.get(task, {}))
-                lines.append(table_row([TASK_TITLES[task], ESTIMATOR_NAMES.get(mu, f"μ={mu:g}"), title, *cells,
-                                        f"{right} of {compared} right, {significant} significant"]))
+        for variant in VARIANTS:
+            cells_of = {rho: table.get(task, {}).get(method(rho, variant)) for rho in RHOS}
+            if not any(cells_of.values()):
+                continue
+            for mu in PROBES:
+                for objective, title in OBJECTIVES.items():
+                    cells, right, significant = [], 0, 0
+                    for rho, cell in cells_of.items():
+                        if cell is None:
+                            cells.append("–")
+                            continue
+                        values = signal(cell["runs"], mu, objective, rho)
+                        t = _t(values)
+                        first, later = (_t(signal(cell["runs"], mu, objective, rho, e)) for e in ("1", "later"))
+                        word = verdict(t, rho, best[task])
+                        right += word.startswith("right")
+                        significant += not word.endswith("(noise)") and word not in ("at best", "–")
+                        cells.append(f"{values.mean():+.2e}, t {_fmt(t)} [{_fmt(first)} / {_fmt(later)}] "
+                                     f"(n={len(cell['runs'])}): {word}")
+                    compared = sum(1 for rho, cell in cells_of.items() if rho != best[task] and cell is not None)
+                    lines.append(table_row([TASK_TITLES[task], variant, ESTIMATOR_NAMES.get(mu, f"μ={mu:g}"), title,
+                                            *cells, f"{right} of {compared} right, {significant} significant"]))
     return lines
 
 
@@ -142,40 +157,62 @@ def sam_scores(study_dirs: list[Path], task: str) -> dict[float, list[float]]:
 
 
 def plot(table: dict, best: dict[str, float], tasks, study_dirs: list[Path], path: Path) -> None:
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), sharex=True, squeeze=False,
-                             gridspec_kw={"height_ratios": [1, 1.4]})
+    """A column per task: SAM's score against ρ on top, then each variant's t of dF/d log ρ against ρ."""
+    fig, axes = plt.subplots(1 + len(VARIANTS), len(tasks), figsize=(5 * len(tasks), 10), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [1] + [1.4] * len(VARIANTS)})
+    styles = {"held out (the paper's)": ("s", ":", "grey", "frozen, 10% held out"),
+              "nothing held out (next/last)": ("^", "--", "C1", "frozen, nothing held out (= SAM)")}
     for column, task in enumerate(tasks):
-        top, bottom = axes[0][column], axes[1][column]
+        top = axes[0][column]
         sam = sam_scores(study_dirs, task)
         rhos = sorted(sam)
         top.errorbar(rhos, [np.mean(sam[r]) for r in rhos], yerr=[np.std(sam[r]) for r in rhos], marker="o",
                      color="black", label="SAM (train set, seeds)")
-        frozen = {rho: table[task][METHOD.format(rho=rho)]["score"] for rho in RHOS
-                  if METHOD.format(rho=rho) in table.get(task, {})}
-        if frozen:
-            top.plot(list(frozen), [np.mean(v) for v in frozen.values()], marker="s", ls=":", color="grey",
-                     label="frozen runs (90% of train)")
         top.axvline(best[task], color="C3", ls="--", lw=1, label="grid's best ρ")
         top.set_title(TASK_TITLES[task])
         top.set_ylabel(f"dev {PRIMARY[task].replace('_', ' ')} ×100")
-        for i, mu in enumerate(PROBES):
-            for objective, style in (("squared_gap", "-"), ("val_loss", "--")):
-                points = [(rho, _t(signal(table[task][METHOD.format(rho=rho)]["runs"], mu, objective, rho)))
-                          for rho in frozen]
-                if points:
-                    bottom.plot(*zip(*points), ls=style, marker="o", color=f"C{i}",
-                                label=f"{ESTIMATOR_NAMES[mu]}, {OBJECTIVES[objective]}")
-        for level, style in ((0, "-"), (2, ":"), (-2, ":")):
-            bottom.axhline(level, color="black", lw=0.8, ls=style)
-        bottom.axvline(best[task], color="C3", ls="--", lw=1)
-        bottom.set_xscale("log")
-        bottom.set_xlabel("ρ (frozen)")
-        bottom.set_ylabel("t of mean dF/d log ρ (< 0: ρ grows)")
+        for row, variant in enumerate(VARIANTS, start=1):
+            bottom = axes[row][column]
+            frozen = {rho: table[task][method(rho, variant)] for rho in RHOS if method(rho, variant) in table.get(task, {})}
+            marker, line, color, label = styles[variant]
+            if frozen:
+                top.plot(list(frozen), [np.mean(c["score"]) for c in frozen.values()], marker=marker, ls=line,
+                         color=color, label=label)
+            for i, mu in enumerate(PROBES):
+                for objective, style in (("squared_gap", "-"), ("val_loss", "--")):
+                    points = [(rho, _t(signal(cell["runs"], mu, objective, rho))) for rho, cell in frozen.items()]
+                    if points:
+                        bottom.plot(*zip(*points), ls=style, marker="o", color=f"C{i}",
+                                    label=f"{ESTIMATOR_NAMES[mu]}, {OBJECTIVES[objective]}")
+            for level, style in ((0, "-"), (2, ":"), (-2, ":")):
+                bottom.axhline(level, color="black", lw=0.8, ls=style)
+            bottom.axvline(best[task], color="C3", ls="--", lw=1)
+            bottom.set_xscale("log")
+            bottom.set_ylabel(f"t of dF/d log ρ, gap {variant.split(' (')[0]}")
+        axes[-1][column].set_xlabel("ρ (frozen)")
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def reproduces_sam(table: dict, tasks, study_dirs: list[Path]) -> list[str]:
+    """A frozen run with nothing held out trains as SAM does (tested bit for bit): its score must be SAM's at the
+    same ρ and seed, where the grid has that run."""
+    lines = []
+    for task in tasks:
+        grid = {(rho_of(r["method"]), r["seed"]): 100 * r["metrics"][f"eval_{PRIMARY[task]}"]
+                for folder in study_dirs for r in load_runs(folder)
+                if r["task"] == task and r["method"].startswith("sam@") and "+" not in r["method"]}
+        for rho in RHOS:
+            cell = table.get(task, {}).get(method(rho, "nothing held out (next/last)"))
+            for record, score in zip(cell["runs"], cell["score"]) if cell else ():
+                if (rho, record["seed"]) in grid:
+                    lines.append(f"- {TASK_TITLES[task]} ρ={rho:g} seed {record['seed']}: frozen, nothing held out "
+                                 f"{score:.2f}; SAM {grid[rho, record['seed']]:.2f}")
+    return ["SAM reproduced by the frozen runs with nothing held out (the same θ: the scores must agree):", "",
+            *lines] if lines else []
 
 
 def write_report(out_dir: Path, study_dir: Path, tasks) -> str:
@@ -187,11 +224,15 @@ def write_report(out_dir: Path, study_dir: Path, tasks) -> str:
         "# The signal map: which way each ρ estimator pushes at a frozen ρ",
         "",
         *([f"**PARTIAL: {done} of {expected} runs saved; '–': not yet run.**", ""] if done < expected else []),
-        "LETS-SAM with ρ frozen, MiniLM, issue #15's study profile, a ρ update (one validation batch) on every step; "
-        "every estimator is measured on the same steps and batches (`rho_signal_probes`). Grid's best ρ (SAM, 3 "
-        "seeds): " + ", ".join(f"{TASK_TITLES[t]} {best[t]:g}" for t in tasks) + ".",
+        "LETS-SAM with ρ frozen, MiniLM, issue #15's study profile, a ρ update on every step; every estimator is "
+        "measured on the same steps and batches (`rho_signal_probes`), dF/d log ρ < 0 pushes ρ up. Gap measured "
+        "held out: L_val on a held-out batch (10% of train held out), L_train on the next batch (the paper's); "
+        "nothing held out: L_val on the next batch, L_train on the batch just stepped on (`+next`). Grid's best ρ "
+        "(SAM, 3 seeds): " + ", ".join(f"{TASK_TITLES[t]} {best[t]:g}" for t in tasks) + ".",
         "",
         *map_table(table, best, tasks),
+        "",
+        *reproduces_sam(table, tasks, [study_dir, RHO_STUDY_DIR]),
         "",
         "![signal map](signal_map.png)",
         "",
