@@ -9,9 +9,9 @@ Each run is LETS-SAM with ρ frozen (`+frozen`: SGD on ρ with a negligible step
 traces with those memories, under both objectives (squared gap, validation loss). Two ways to measure the gap
 (VARIANTS): the paper's (L_val on a held-out batch, 10% of train held out; L_train on the next batch) and nothing
 held out (`+next`: L_val on the next batch, L_train on the one just stepped on; such a frozen run trains exactly as
-SAM on the whole train set, so it is also SAM's grid point at that ρ). Order: the paper's at seed 0 at every ρ of
-RHOS, task by task; then nothing held out, the same way; then seeds 1 and 2 at the map's two ρ values around the
-task's best (issue #15's SAM grid, 3 seeds), both variants.
+SAM on the whole train set, so it is also SAM's grid point at that ρ). Order: seed 0 at every ρ of RHOS, both
+variants, task by task; then seeds 1 and 2 at the map's two ρ values around the task's best (issue #15's SAM grid,
+3 seeds), both variants.
 
 The report, per task, estimator and objective: at each ρ the mean of dF/d log ρ over the run (ρ·dF/dρ), its
 t-statistic (over the log windows' means: 5 updates each, pooled over seeds), the same in the first epoch and
@@ -75,9 +75,9 @@ def method(rho: float, variant: str) -> str:
 
 
 def planned(best: dict[str, float], tasks) -> list[tuple[str, list[str], list[int]]]:
-    """(task, methods, seeds) in the order they run: seed 0 everywhere first (one variant after the other), then
-    the extra seeds."""
-    order = [(task, [method(rho, variant) for rho in RHOS], [0]) for variant in VARIANTS for task in tasks]
+    """(task, methods, seeds) in the order they run: seed 0 everywhere first, task by task (both variants: CoLA, where
+    ρ matters both ways, is complete first), then the extra seeds."""
+    order = [(task, [method(rho, variant) for variant in VARIANTS for rho in RHOS], [0]) for task in tasks]
     return order + [(task, [method(rho, variant) for variant in VARIANTS for rho in around(best[task])],
                      list(EXTRA_SEEDS)) for task in tasks]
 
