@@ -627,7 +627,8 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "Learned radius (LETS)": (
         "learn_rho", "rho_estimator", "rho_trace_decay", "rho_antithetic_delta", "rho_antithetic_batches",
-        "rho_objective", "rho_train_batch", "rho_val_batch", "rho_update_space", "rho_lr", "rho_optimizer", "rho_step_rule", "rho_evidence_threshold",
+        "rho_objective", "rho_train_batch", "rho_val_batch", "rho_update_space", "rho_lr", "rho_optimizer",
+        "rho_step_rule", "rho_evidence_threshold",
         "rho_evidence_min_updates", "rho_evidence_factor", "rho_min", "rho_max", "rho_hessian",
         "rho_update_interval", "rho_batch_size", "rho_val_fraction", "rho_seed", "rho_diagnostics_window",
         "rho_signal_probes",

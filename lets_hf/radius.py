@@ -180,7 +180,8 @@ class Radius:
         norm = global_norm(descent_grads).double() * inv_scale
         torch.clamp(max_norm / (norm + 1e-6), max=1.0, out=self.clip_coef)
 
-    def apply_descent_jacobian_(self, optimizer, params: list[torch.Tensor], directions: list[list[torch.Tensor]]) -> None:
+    def apply_descent_jacobian_(self, optimizer, params: list[torch.Tensor],
+                                directions: list[list[torch.Tensor]]) -> None:
         """H·d -> u_t = −η·c·J_P·H·d for each direction, reading the optimizer state right after its step."""
         inner = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
         position = {id(p): i for i, p in enumerate(params)}
