@@ -86,25 +86,51 @@ def key(mu: float, objective: str) -> str:
     return f"rho_probe_mu{mu:g}_{objective}"
 
 
-def _t(values: np.ndarray) -> float:
-    return values.mean() / (values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else np.nan
+def autocorrelation_time(deviations: np.ndarray) -> float:
+    """How many consecutive log windows count as one independent value: τ = −1 + 2·Σ_m Γ_m, Γ_m = ρ_2m + ρ_2m+1
+    (ρ_0 = 1) summed while positive (Geyer's initial positive sequence), at least 1. A long trace's dF/dρ stays
+    correlated over many windows (μ = 0.999: τ ≈ 13 on CoLA's first epochs), and counting its windows as independent
+    would overstate t by √τ."""
+    n, variance = deviations.size, float(deviations @ deviations)
+    if n < 4 or variance == 0:
+        return 1.0
+
+    def rho(lag: int) -> float:
+        return float(deviations[:-lag] @ deviations[lag:]) / variance if lag else 1.0
+
+    tau, m = -1.0, 0
+    while 2 * m + 1 < n:
+        pair = rho(2 * m) + rho(2 * m + 1)
+        if pair <= 0:
+            break
+        tau, m = tau + 2 * pair, m + 1
+    return max(tau, 1.0)
+
+
+def t_statistic(series: list[np.ndarray]) -> float:
+    """The mean of every run's values pooled, over its standard error: each run's share of the variance of the mean
+    widened by its autocorrelation time (deviations from the pooled mean, so a seed's offset counts as correlated)."""
+    total = sum(x.size for x in series)
+    if total < 2:
+        return np.nan
+    mean = sum(x.sum() for x in series) / total
+    variance = sum((x.size / total) ** 2 * np.mean((x - mean) ** 2) * autocorrelation_time(x - mean) / x.size
+                   for x in series if x.size)
+    return mean / np.sqrt(variance) if variance > 0 else np.nan
 
 
 def _fmt(t: float) -> str:
     return "–" if np.isnan(t) else f"{t:+.1f}"
 
 
-def signal(runs: list[dict], mu: float, objective: str, rho: float, epochs: str = "all") -> np.ndarray:
-    """dF/d log ρ of every log window (a mean of 5 updates) of `runs`, pooled; `epochs`: "all", "1" or "later"."""
-    values = []
+def signal(runs: list[dict], mu: float, objective: str, rho: float, epochs: str = "all") -> list[np.ndarray]:
+    """dF/d log ρ of every log window (a mean of 5 updates), a series per run; `epochs`: "all", "1" or "later"."""
+    series = []
     for record in runs:
-        for entry in record["log_history"]:
-            if key(mu, objective) not in entry:
-                continue
-            if epochs != "all" and (entry["epoch"] <= 1) != (epochs == "1"):
-                continue
-            values.append(rho * entry[key(mu, objective)])
-    return np.array(values)
+        values = [rho * entry[key(mu, objective)] for entry in record["log_history"]
+                  if key(mu, objective) in entry and (epochs == "all" or (entry["epoch"] <= 1) == (epochs == "1"))]
+        series.append(np.array(values))
+    return series
 
 
 def verdict(t: float, rho: float, best: float) -> str:
@@ -118,7 +144,8 @@ def verdict(t: float, rho: float, best: float) -> str:
 def map_table(table: dict, best: dict[str, float], tasks) -> list[str]:
     header = ["task", "gap measured", "estimator", "objective", *(f"ρ={rho:g}" for rho in RHOS), "right / significant"]
     lines = ["Per ρ: mean dF/d log ρ over the run, t-statistic [first epoch / later epochs] (seeds), and the verdict: "
-             "'right' when the sign pushes ρ towards the grid's best, 'WRONG' when away, '(noise)' when |t| < 2. ", "",
+             "'right' when the sign pushes ρ towards the grid's best, 'WRONG' when away, '(noise)' when |t| < 2. The "
+             "t's standard error counts correlated log windows as fewer (Geyer's autocorrelation time, per run).", "",
              *table_header(header)]
     for task in tasks:
         for variant in VARIANTS:
@@ -133,12 +160,12 @@ def map_table(table: dict, best: dict[str, float], tasks) -> list[str]:
                             cells.append("–")
                             continue
                         values = signal(cell["runs"], mu, objective, rho)
-                        t = _t(values)
-                        first, later = (_t(signal(cell["runs"], mu, objective, rho, e)) for e in ("1", "later"))
+                        t = t_statistic(values)
+                        first, later = (t_statistic(signal(cell["runs"], mu, objective, rho, e)) for e in ("1", "later"))
                         word = verdict(t, rho, best[task])
                         right += word.startswith("right")
                         significant += not word.endswith("(noise)") and word not in ("at best", "–")
-                        cells.append(f"{values.mean():+.2e}, t {_fmt(t)} [{_fmt(first)} / {_fmt(later)}] "
+                        cells.append(f"{np.concatenate(values).mean():+.2e}, t {_fmt(t)} [{_fmt(first)} / {_fmt(later)}] "
                                      f"(n={len(cell['runs'])}): {word}")
                     compared = sum(1 for rho, cell in cells_of.items() if rho != best[task] and cell is not None)
                     lines.append(table_row([TASK_TITLES[task], variant, ESTIMATOR_NAMES.get(mu, f"μ={mu:g}"), title,
@@ -180,7 +207,7 @@ def plot(table: dict, best: dict[str, float], tasks, study_dirs: list[Path], pat
                          color=color, label=label)
             for i, mu in enumerate(PROBES):
                 for objective, style in (("squared_gap", "-"), ("val_loss", "--")):
-                    points = [(rho, _t(signal(cell["runs"], mu, objective, rho))) for rho, cell in frozen.items()]
+                    points = [(rho, t_statistic(signal(cell["runs"], mu, objective, rho))) for rho, cell in frozen.items()]
                     if points:
                         bottom.plot(*zip(*points), ls=style, marker="o", color=f"C{i}",
                                     label=f"{ESTIMATOR_NAMES[mu]}, {OBJECTIVES[objective]}")
