@@ -70,11 +70,11 @@ class Hypergradient:
         with_train = radius.needs_train_gradient or bool(radius.probe_decays)
         train_from_first_pass = with_train and engine.args.rho_train_batch == "next"
         val_from_first_pass = engine.args.rho_val_batch == "next"
-        if (train_from_first_pass or val_from_first_pass) and engine.rule.first_pass_loss is not None:  # ∇Q: take ∇L
+        from_first_pass = train_from_first_pass or val_from_first_pass
+        if from_first_pass and engine.rule.first_pass_loss is not None:  # the first pass gave ∇Q: take ∇L
             grads = self.sum_gradients(engine.accelerator.unwrap_model(model), params, batches)
             if engine.args.sam_scope == "global" and not engine.sharded:
                 engine.average_grads(grads)
-        from_first_pass = train_from_first_pass or val_from_first_pass
         first_dots = [global_dot(grads, h) * micro_batches for h in directions] if from_first_pass else None
         if val_from_first_pass:
             val_loss, val_dots = first_loss.detach(), first_dots

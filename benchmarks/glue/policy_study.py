@@ -22,7 +22,8 @@ import run  # noqa: E402  (sibling script, not a package)
 from markdown_table import table_header, table_row  # noqa: E402
 from report import TASK_TITLES  # noqa: E402
 from saved_runs import load_runs  # noqa: E402
-from study_report import oracle_picks, rho_of, scores  # noqa: E402
+from rho_study_report import _by_seed, _differences, _paired  # noqa: E402
+from study_report import _cpu_per_run, oracle_picks, rho_of, scores  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 STUDY_DIR = RESULTS / "glue-study"
@@ -48,27 +49,11 @@ def sam_step_share(run_record: dict) -> float:
     return float(np.average([entry["sam_step_share"] for entry in log], weights=steps))
 
 
-def _by_seed(cell: dict | None) -> dict[int, float]:
-    return {r["seed"]: s for r, s in zip(cell["runs"], cell["score"])} if cell else {}
-
-
-def _paired(first: dict[int, float], second: dict[int, float]) -> tuple[list[float], str]:
-    diffs = [first[seed] - second[seed] for seed in sorted(first.keys() & second.keys())]
-    if not diffs:
-        return diffs, "–"
-    spread = f" ± {np.std(diffs, ddof=1):.1f}" if len(diffs) > 1 else ""
-    return diffs, f"{np.mean(diffs):+.1f}{spread} (n={len(diffs)})"
-
-
-def _cpu_minutes(cell: dict | None) -> float:
-    return float(np.median(cell["cpu"])) / 60 if cell and cell["cpu"] else float("nan")
-
-
 def task_rows(task: str, rho: float, study: dict, policies: dict) -> list[str]:
     """One row per method: SAM and AdamW (issue #15's runs) as references, then each policy."""
     sam, adamw = study[task].get(f"sam@{rho:g}"), study[task].get("adamw")
     sam_std = float(np.std(sam["score"], ddof=1)) if sam and len(sam["score"]) > 1 else float("nan")
-    adamw_cpu = _cpu_minutes(adamw)
+    adamw_cpu = _cpu_per_run(adamw) / 60 if adamw else float("nan")
     rows = []
     for name, cell, share in [("AdamW", adamw, 0.0), (f"SAM ρ={rho:g}", sam, 1.0)] + [
         (policy, policies.get(task, {}).get(f"sam@{rho:g}+{policy}"), None) for policy in POLICIES
@@ -78,8 +63,9 @@ def task_rows(task: str, rho: float, study: dict, policies: dict) -> list[str]:
             continue
         scores_ = cell["score"]
         mean = f"{np.mean(scores_):.1f}" + (f" ± {np.std(scores_, ddof=1):.1f}" if len(scores_) > 1 else "")
-        vs_sam, vs_sam_text = _paired(_by_seed(cell), _by_seed(sam))
-        vs_adamw, vs_adamw_text = _paired(_by_seed(cell), _by_seed(adamw))
+        mine, sam_seeds, adamw_seeds = _by_seed(cell), _by_seed(sam), _by_seed(adamw)
+        vs_sam, vs_adamw = _differences(mine, sam_seeds), _differences(mine, adamw_seeds)
+        vs_sam_text, vs_adamw_text = _paired(mine, sam_seeds), _paired(mine, adamw_seeds)
         verdict = "–"
         if share is None and vs_sam and vs_adamw:
             within = abs(np.mean(vs_sam)) <= sam_std
@@ -87,7 +73,7 @@ def task_rows(task: str, rho: float, study: dict, policies: dict) -> list[str]:
             verdict = f"{'yes' if within else 'no'} (nearer {nearer})"
         if share is None:
             share = float(np.mean([sam_step_share(r) for r in cell["runs"]]))
-        cpu = _cpu_minutes(cell)
+        cpu = _cpu_per_run(cell) / 60
         rows.append(table_row([
             TASK_TITLES[task], name, f"{mean} (n={len(scores_)})", vs_sam_text if name != f"SAM ρ={rho:g}" else "",
             vs_adamw_text if name != "AdamW" else "", verdict, f"{share:.0%}",
