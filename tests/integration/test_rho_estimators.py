@@ -260,3 +260,17 @@ def test_next_validation_batch_refuses_held_out_data_it_would_ignore(tmp_path):
                       rho_val_batch="next", use_cpu=True, report_to="none")
     with pytest.raises(UsageError, match="rho_dataset would go unused"):
         LETSTrainer(model=build_model(HEAD), args=args, train_dataset=train_rows(HEAD), rho_dataset=validation_rows(HEAD))
+
+
+@pytest.mark.parametrize("head", ["bert-regression", "gpt2", "bart"])
+def test_nothing_held_out_with_rho_frozen_trains_as_sam_on_every_head(tmp_path, one_thread, head):
+    """`rho_val_batch="next"` with `rho_train_batch="last"` on the other loss normalizations (regression, a causal LM
+    that honours num_items_in_batch, a seq2seq that drops it): with ρ frozen θ is SAM's bit for bit, on all of
+    train, while the updates ran (B_t re-evaluated, the next batch's first pass read)."""
+    from tests.heads import GLOBAL_BATCH, train as train_head
+
+    frozen = train_head(head, "lets-sam", str(tmp_path / "lets"), batch=GLOBAL_BATCH, rho_optimizer="sgd",
+                        rho_lr=1e-300, rho_train_batch="last", rho_val_batch="next")
+    sam = train_head(head, "sam", str(tmp_path / "sam"), batch=GLOBAL_BATCH)
+    assert frozen["rho"] == 0.05 and len(frozen["gen_gap"]) == 2
+    torch.testing.assert_close(frozen["theta"], sam["theta"], rtol=0, atol=0)
